@@ -1,0 +1,74 @@
+//! The admin listener: `/metrics` (Prometheus text format), `/healthz`, `/readyz`.
+//! It sits on its own port so none of it is reachable through the public listener.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::{header, Response, StatusCode};
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+
+use crate::envelope;
+use crate::metrics::Metrics;
+
+/// The admin HTTP app.
+pub struct Admin {
+    metrics: Arc<Metrics>,
+}
+
+impl Admin {
+    /// An admin app exporting `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Admin { metrics }
+    }
+}
+
+#[async_trait]
+impl ServeHttp for Admin {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let get = matches!(
+            session.req_header().method,
+            http::Method::GET | http::Method::HEAD
+        );
+        match (get, session.req_header().uri.path()) {
+            (true, "/metrics") => reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                self.metrics.render(),
+            ),
+            (true, "/healthz") => reply(
+                StatusCode::OK,
+                envelope::CONTENT_TYPE,
+                br#"{"status":"success","data":{"status":"ok"}}"#.to_vec(),
+            ),
+            (true, "/readyz") => reply(
+                StatusCode::OK,
+                envelope::CONTENT_TYPE,
+                br#"{"status":"success","data":{"status":"ready"}}"#.to_vec(),
+            ),
+            (false, "/metrics" | "/healthz" | "/readyz") => reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                envelope::CONTENT_TYPE,
+                envelope::default_body(405).to_vec(),
+            ),
+            _ => reply(
+                StatusCode::NOT_FOUND,
+                envelope::CONTENT_TYPE,
+                envelope::default_body(404).to_vec(),
+            ),
+        }
+    }
+}
+
+/// A complete response with an exact Content-Length.
+pub(crate) fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    let len = resp.body().len();
+    let h = resp.headers_mut();
+    if let Ok(v) = header::HeaderValue::from_str(content_type) {
+        h.insert(header::CONTENT_TYPE, v);
+    }
+    h.insert(header::CONTENT_LENGTH, header::HeaderValue::from(len));
+    resp
+}

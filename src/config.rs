@@ -1,0 +1,492 @@
+//! Configuration: the TOML file format (serde structs) and the validated model the runtime uses.
+//!
+//! The file structs mirror `config/gateway.toml` and reject unknown keys, so a typo is an error
+//! rather than a silently ignored setting. [`Config::load`] turns them into [`Config`], where every
+//! address is parsed, every route points at a real upstream and every limit is in range; the
+//! runtime never re-checks a raw string.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Method;
+use serde::Deserialize;
+
+/// A configuration problem, naming the file and the key that is wrong.
+#[derive(Debug)]
+pub struct ConfigError {
+    /// The file the problem was found in.
+    pub file: PathBuf,
+    /// Dotted path of the offending key (`routes[2].upstream`), empty when the whole file is at fault.
+    pub key: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file.display(), self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.file.display(), self.key, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// ---------------------------------------------------------------------------------------------
+// File format
+// ---------------------------------------------------------------------------------------------
+
+/// The whole file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// `[server]`: listeners and process settings.
+    #[serde(default)]
+    pub server: FileServer,
+    /// `[[upstreams]]`: the services behind the gateway.
+    #[serde(default)]
+    pub upstreams: Vec<FileUpstream>,
+    /// `[[routes]]`: which paths go where.
+    #[serde(default)]
+    pub routes: Vec<FileRoute>,
+}
+
+/// `[server]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileServer {
+    /// Public listener address.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Admin listener (metrics, health) address.
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: String,
+    /// Worker threads of the proxy service.
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+    /// Seconds in-flight requests get to finish on graceful shutdown.
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_seconds: u64,
+    /// Seconds a client has to send its request body between two reads.
+    #[serde(default = "default_client_body_timeout")]
+    pub client_body_timeout_ms: u64,
+}
+
+impl Default for FileServer {
+    fn default() -> Self {
+        FileServer {
+            listen: default_listen(),
+            admin_listen: default_admin_listen(),
+            threads: default_threads(),
+            shutdown_grace_seconds: default_grace(),
+            client_body_timeout_ms: default_client_body_timeout(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "0.0.0.0:8080".into()
+}
+fn default_admin_listen() -> String {
+    "127.0.0.1:9090".into()
+}
+fn default_threads() -> usize {
+    2
+}
+fn default_grace() -> u64 {
+    5
+}
+fn default_client_body_timeout() -> u64 {
+    30_000
+}
+
+/// One `[[upstreams]]` entry as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileUpstream {
+    /// Name routes refer to.
+    pub name: String,
+    /// `host:port` of each server, balanced round-robin.
+    pub servers: Vec<String>,
+    /// TCP connect timeout.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+    /// Longest wait for the next read from the upstream (headers or body).
+    #[serde(default = "default_io_timeout")]
+    pub read_timeout_ms: u64,
+    /// Longest wait for a write to the upstream.
+    #[serde(default = "default_io_timeout")]
+    pub write_timeout_ms: u64,
+    /// How long an idle keep-alive connection to the upstream is kept.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_ms: u64,
+    /// Interval of the TCP health check; absent means every server counts as healthy.
+    #[serde(default)]
+    pub health_check_interval_ms: Option<u64>,
+}
+
+fn default_connect_timeout() -> u64 {
+    1_000
+}
+fn default_io_timeout() -> u64 {
+    30_000
+}
+fn default_idle_timeout() -> u64 {
+    60_000
+}
+
+/// One `[[routes]]` entry as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRoute {
+    /// Name used in metrics and logs.
+    pub name: String,
+    /// Path prefix, matched on whole segments (`/api/v1` matches `/api/v1/x`, not `/api/v1x`).
+    pub path_prefix: String,
+    /// Allowed methods; empty or absent allows all.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Name of the upstream that serves it.
+    pub upstream: String,
+    /// Largest request body accepted, in bytes.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: u64,
+}
+
+/// The Get2Dial API caps request bodies at 1 MB.
+fn default_max_body() -> u64 {
+    1_048_576
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validated model
+// ---------------------------------------------------------------------------------------------
+
+/// The validated configuration the runtime uses.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// Listener and process settings.
+    pub server: Server,
+    /// Upstreams, in file order.
+    pub upstreams: Vec<Upstream>,
+    /// Routes, in file order; each `upstream` is an index into `upstreams`.
+    pub routes: Vec<Route>,
+}
+
+/// Validated `[server]`.
+#[derive(Debug, Clone)]
+pub struct Server {
+    /// Public listener.
+    pub listen: SocketAddr,
+    /// Admin listener.
+    pub admin_listen: SocketAddr,
+    /// Worker threads.
+    pub threads: usize,
+    /// Graceful shutdown period.
+    pub shutdown_grace: Duration,
+    /// Longest pause between two reads of a client's request body.
+    pub client_body_timeout: Duration,
+}
+
+/// Validated `[[upstreams]]` entry.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// Name from the file.
+    pub name: String,
+    /// Server addresses.
+    pub servers: Vec<SocketAddr>,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Read timeout.
+    pub read_timeout: Duration,
+    /// Write timeout.
+    pub write_timeout: Duration,
+    /// Idle keep-alive timeout.
+    pub idle_timeout: Duration,
+    /// Health check interval, if any.
+    pub health_check_interval: Option<Duration>,
+}
+
+/// Validated `[[routes]]` entry.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Name from the file.
+    pub name: String,
+    /// Path prefix.
+    pub path_prefix: String,
+    /// Allowed methods; empty allows all. GET implies HEAD.
+    pub methods: Vec<Method>,
+    /// Index into [`Config::upstreams`].
+    pub upstream: usize,
+    /// Largest request body accepted.
+    pub max_body_bytes: u64,
+}
+
+impl Config {
+    /// Reads, parses and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            key: String::new(),
+            message: format!("cannot read the file: {e}"),
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates `text`, reporting errors against `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            key: String::new(),
+            // toml's message names the key, the line and the column.
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        Validator { path }.validate(file)
+    }
+}
+
+struct Validator<'a> {
+    path: &'a Path,
+}
+
+impl Validator<'_> {
+    fn err(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.path.to_owned(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn addr(&self, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+        value.parse().map_err(|_| {
+            self.err(
+                key,
+                format!("`{value}` is not an IP address with a port (e.g. 127.0.0.1:8080)"),
+            )
+        })
+    }
+
+    fn millis(&self, key: &str, value: u64) -> Result<Duration, ConfigError> {
+        if value == 0 {
+            return Err(self.err(key, "must be greater than 0"));
+        }
+        Ok(Duration::from_millis(value))
+    }
+
+    fn name(&self, key: &str, value: &str) -> Result<(), ConfigError> {
+        let ok = !value.is_empty()
+            && value.len() <= 64
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if ok {
+            Ok(())
+        } else {
+            Err(self.err(
+                key,
+                format!("`{value}` must be 1 to 64 characters of letters, digits, `_` or `-`"),
+            ))
+        }
+    }
+
+    fn validate(&self, file: FileConfig) -> Result<Config, ConfigError> {
+        let s = &file.server;
+        let server = Server {
+            listen: self.addr("server.listen", &s.listen)?,
+            admin_listen: self.addr("server.admin_listen", &s.admin_listen)?,
+            threads: match s.threads {
+                1..=256 => s.threads,
+                _ => return Err(self.err("server.threads", "must be between 1 and 256")),
+            },
+            shutdown_grace: Duration::from_secs(s.shutdown_grace_seconds),
+            client_body_timeout: self
+                .millis("server.client_body_timeout_ms", s.client_body_timeout_ms)?,
+        };
+        if server.listen == server.admin_listen {
+            return Err(self.err(
+                "server.admin_listen",
+                "must differ from server.listen: the admin port is not public",
+            ));
+        }
+
+        if file.upstreams.is_empty() {
+            return Err(self.err("upstreams", "at least one [[upstreams]] entry is required"));
+        }
+        let mut upstreams = Vec::with_capacity(file.upstreams.len());
+        let mut seen = HashSet::new();
+        for (i, u) in file.upstreams.iter().enumerate() {
+            let key = |k: &str| format!("upstreams[{i}].{k}");
+            self.name(&key("name"), &u.name)?;
+            if !seen.insert(u.name.as_str()) {
+                return Err(self.err(key("name"), format!("duplicate upstream `{}`", u.name)));
+            }
+            if u.servers.is_empty() {
+                return Err(self.err(key("servers"), "at least one server is required"));
+            }
+            let servers = u
+                .servers
+                .iter()
+                .enumerate()
+                .map(|(j, s)| self.addr(&format!("upstreams[{i}].servers[{j}]"), s))
+                .collect::<Result<Vec<_>, _>>()?;
+            upstreams.push(Upstream {
+                name: u.name.clone(),
+                servers,
+                connect_timeout: self.millis(&key("connect_timeout_ms"), u.connect_timeout_ms)?,
+                read_timeout: self.millis(&key("read_timeout_ms"), u.read_timeout_ms)?,
+                write_timeout: self.millis(&key("write_timeout_ms"), u.write_timeout_ms)?,
+                idle_timeout: self.millis(&key("idle_timeout_ms"), u.idle_timeout_ms)?,
+                health_check_interval: u
+                    .health_check_interval_ms
+                    .map(|ms| self.millis(&key("health_check_interval_ms"), ms))
+                    .transpose()?,
+            });
+        }
+
+        if file.routes.is_empty() {
+            return Err(self.err("routes", "at least one [[routes]] entry is required"));
+        }
+        let mut routes = Vec::with_capacity(file.routes.len());
+        let mut seen = HashSet::new();
+        for (i, r) in file.routes.iter().enumerate() {
+            let key = |k: &str| format!("routes[{i}].{k}");
+            self.name(&key("name"), &r.name)?;
+            if !seen.insert(r.name.as_str()) {
+                return Err(self.err(key("name"), format!("duplicate route `{}`", r.name)));
+            }
+            if !r.path_prefix.starts_with('/') || crate::routes::is_unsafe_path(&r.path_prefix) {
+                return Err(self.err(
+                    key("path_prefix"),
+                    format!(
+                        "`{}` must start with `/` and contain no `//`, `.`/`..` segments or \
+                         percent-encoded dots, slashes or backslashes",
+                        r.path_prefix
+                    ),
+                ));
+            }
+            let mut methods = Vec::with_capacity(r.methods.len());
+            for (j, m) in r.methods.iter().enumerate() {
+                let upper = m.to_ascii_uppercase();
+                let method = Method::from_bytes(upper.as_bytes())
+                    .ok()
+                    .filter(|m| m.as_str().bytes().all(|b| b.is_ascii_uppercase()))
+                    .ok_or_else(|| {
+                        self.err(
+                            format!("routes[{i}].methods[{j}]"),
+                            format!("`{m}` is not an HTTP method"),
+                        )
+                    })?;
+                if !methods.contains(&method) {
+                    methods.push(method);
+                }
+            }
+            if methods.contains(&Method::GET) && !methods.contains(&Method::HEAD) {
+                methods.push(Method::HEAD);
+            }
+            let upstream = upstreams
+                .iter()
+                .position(|u| u.name == r.upstream)
+                .ok_or_else(|| {
+                    self.err(
+                        key("upstream"),
+                        format!("no [[upstreams]] entry is named `{}`", r.upstream),
+                    )
+                })?;
+            routes.push(Route {
+                name: r.name.clone(),
+                path_prefix: r.path_prefix.clone(),
+                methods,
+                upstream,
+                max_body_bytes: r.max_body_bytes,
+            });
+        }
+
+        Ok(Config {
+            path: self.path.to_owned(),
+            server,
+            upstreams,
+            routes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [[upstreams]]
+        name = "control"
+        servers = ["127.0.0.1:8081"]
+
+        [[routes]]
+        name = "api"
+        path_prefix = "/api/v1/"
+        upstream = "control"
+    "#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("gw.toml"))
+    }
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.server.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(c.upstreams[0].connect_timeout, Duration::from_secs(1));
+        assert_eq!(c.routes[0].max_body_bytes, 1_048_576);
+        assert!(c.routes[0].methods.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_file() {
+        let e = parse(&format!("{MINIMAL}\n[server]\nlisten_addr = \"x\"\n")).unwrap_err();
+        let text = e.to_string();
+        assert!(text.starts_with("gw.toml: "), "{text}");
+        assert!(text.contains("listen_addr"), "{text}");
+    }
+
+    #[test]
+    fn bad_upstream_reference_names_the_key() {
+        let e =
+            parse(&MINIMAL.replace("upstream = \"control\"", "upstream = \"nope\"")).unwrap_err();
+        assert_eq!(e.key, "routes[0].upstream");
+        assert!(e.message.contains("nope"));
+    }
+
+    #[test]
+    fn bad_server_address_names_the_key() {
+        let e = parse(&MINIMAL.replace("127.0.0.1:8081", "localhost")).unwrap_err();
+        assert_eq!(e.key, "upstreams[0].servers[0]");
+    }
+
+    #[test]
+    fn get_implies_head_and_methods_are_checked() {
+        let c = parse(&MINIMAL.replace(
+            "upstream = \"control\"",
+            "upstream = \"control\"\nmethods = [\"get\"]",
+        ))
+        .unwrap();
+        assert_eq!(c.routes[0].methods, vec![Method::GET, Method::HEAD]);
+        let e = parse(&MINIMAL.replace(
+            "upstream = \"control\"",
+            "upstream = \"control\"\nmethods = [\"GE T\"]",
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "routes[0].methods[0]");
+    }
+
+    #[test]
+    fn unsafe_prefix_is_refused() {
+        let e = parse(&MINIMAL.replace("/api/v1/", "/api/../v1/")).unwrap_err();
+        assert_eq!(e.key, "routes[0].path_prefix");
+    }
+}

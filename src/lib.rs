@@ -1,0 +1,101 @@
+//! get2dial-gateway: an edge gateway on Pingora that answers every error with the Get2Dial
+//! envelope `{"status":"error","message":"..."}`.
+//!
+//! [`build_server`] turns a validated [`config::Config`] into a Pingora server with the public
+//! proxy service ([`proxy::Gateway`]), the admin listener ([`admin::Admin`]) and one health-check
+//! task per upstream that asks for it.
+
+pub mod admin;
+pub mod config;
+pub mod demo;
+pub mod envelope;
+pub mod metrics;
+pub mod proxy;
+pub mod request_id;
+pub mod rewrite;
+pub mod routes;
+pub mod upstreams;
+
+use std::sync::Arc;
+
+use pingora::server::configuration::ServerConf;
+use pingora::server::Server;
+use pingora::services::background::background_service;
+use pingora::services::listening::Service;
+
+use crate::config::Config;
+
+/// Why the server could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The metric registry refused a family.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// An upstream could not be set up.
+    #[error("{file}: upstreams[{index}]: {source}")]
+    Upstream {
+        /// Config file.
+        file: String,
+        /// Index of the upstream in the file.
+        index: usize,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// Builds the server for `config`. `extra` may add services (the demo's stand-in upstream).
+pub fn build_server(
+    config: &Config,
+    extra: impl FnOnce(&mut Server),
+) -> Result<Server, BuildError> {
+    let grace = config.server.shutdown_grace.as_secs();
+    let conf = ServerConf {
+        threads: config.server.threads,
+        grace_period_seconds: Some(grace),
+        graceful_shutdown_timeout_seconds: Some(grace + 5),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let metrics = Arc::new(metrics::Metrics::new()?);
+
+    let mut pools = Vec::with_capacity(config.upstreams.len());
+    for (index, u) in config.upstreams.iter().enumerate() {
+        let balancer = upstreams::Pool::balancer(u).map_err(|source| BuildError::Upstream {
+            file: config.path.display().to_string(),
+            index,
+            source,
+        })?;
+        let balancer = if u.health_check_interval.is_some() {
+            let service = background_service(&format!("health check {}", u.name), balancer);
+            let task = service.task();
+            server.add_service(service);
+            task
+        } else {
+            Arc::new(balancer)
+        };
+        pools.push(Arc::new(upstreams::Pool::new(u, balancer)));
+    }
+
+    let gateway = proxy::Gateway::new(
+        routes::RouteTable::new(&config.routes),
+        pools,
+        metrics.clone(),
+        config.server.client_body_timeout,
+    );
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        gateway,
+        "get2dial-gateway",
+    );
+    proxy.add_tcp(&config.server.listen.to_string());
+    server.add_service(proxy);
+
+    let mut admin = Service::new("admin".to_string(), admin::Admin::new(metrics));
+    admin.add_tcp(&config.server.admin_listen.to_string());
+    server.add_service(admin);
+
+    extra(&mut server);
+    Ok(server)
+}

@@ -1,0 +1,140 @@
+//! Metric families exported on the admin port. Labels are route names, methods and codes only,
+//! never raw paths, users or addresses, so the series count stays bounded.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Every metric the gateway exports, registered in its own registry.
+pub struct Metrics {
+    registry: Registry,
+    /// `gateway_http_requests_total{route,method,status}`: answers by exact status code.
+    pub requests: IntCounterVec,
+    /// `gateway_http_request_duration_seconds{route}`: time from request head to last byte.
+    pub duration: HistogramVec,
+    /// `gateway_upstream_failures_total{route,upstream,kind}`: upstream exchanges that failed.
+    pub upstream_failures: IntCounterVec,
+    /// `gateway_errors_rewritten_total{route,status}`: upstream errors that broke the contract.
+    pub errors_rewritten: IntCounterVec,
+}
+
+impl Metrics {
+    /// Creates and registers all families.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "gateway_http_requests_total",
+                "Responses sent to clients, by route, method and exact status code.",
+            ),
+            &["route", "method", "status"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "gateway_http_request_duration_seconds",
+                "Time from the request head to the end of the response, by route.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &["route"],
+        )?;
+        let upstream_failures = IntCounterVec::new(
+            Opts::new(
+                "gateway_upstream_failures_total",
+                "Upstream exchanges that failed, by route, upstream and kind of failure.",
+            ),
+            &["route", "upstream", "kind"],
+        )?;
+        let errors_rewritten = IntCounterVec::new(
+            Opts::new(
+                "gateway_errors_rewritten_total",
+                "Upstream error answers that were not an envelope and were rewritten into one \
+                 (contract violations), by route and status.",
+            ),
+            &["route", "status"],
+        )?;
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "gateway_build_info",
+                "Build information; the value is always 1.",
+            ),
+            &["version"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(upstream_failures.clone()))?;
+        registry.register(Box::new(errors_rewritten.clone()))?;
+        registry.register(Box::new(build_info))?;
+        Ok(Metrics {
+            registry,
+            requests,
+            duration,
+            upstream_failures,
+            errors_rewritten,
+        })
+    }
+
+    /// The registry in Prometheus text exposition format.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 * 1024);
+        // Encoding into a Vec only fails on a malformed family, which registration rules out.
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+/// A method label from a bounded set, so odd methods cannot grow the series count.
+pub fn method_label(method: &http::Method) -> &'static str {
+    match method.as_str() {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "PATCH" => "PATCH",
+        "DELETE" => "DELETE",
+        "OPTIONS" => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
+/// A status label without allocating for the common codes.
+pub fn status_label(status: u16) -> std::borrow::Cow<'static, str> {
+    const COMMON: [(u16, &str); 24] = [
+        (200, "200"),
+        (201, "201"),
+        (204, "204"),
+        (301, "301"),
+        (302, "302"),
+        (304, "304"),
+        (400, "400"),
+        (401, "401"),
+        (403, "403"),
+        (404, "404"),
+        (405, "405"),
+        (408, "408"),
+        (409, "409"),
+        (413, "413"),
+        (422, "422"),
+        (429, "429"),
+        (431, "431"),
+        (500, "500"),
+        (501, "501"),
+        (502, "502"),
+        (503, "503"),
+        (504, "504"),
+        (101, "101"),
+        (0, "0"),
+    ];
+    COMMON
+        .iter()
+        .find(|(c, _)| *c == status)
+        .map(|(_, s)| std::borrow::Cow::Borrowed(*s))
+        .unwrap_or_else(|| std::borrow::Cow::Owned(status.to_string()))
+}

@@ -1,0 +1,225 @@
+//! The route table: which configured route answers a method and a path.
+
+use std::sync::Arc;
+
+use http::Method;
+
+use crate::config;
+
+/// A route as the runtime uses it.
+#[derive(Debug)]
+pub struct Route {
+    /// Name used in metrics and logs.
+    pub name: String,
+    /// Path prefix, matched on whole segments.
+    pub path_prefix: String,
+    /// Allowed methods; empty allows all.
+    pub methods: Vec<Method>,
+    /// Index of the upstream pool.
+    pub upstream: usize,
+    /// Largest request body accepted.
+    pub max_body_bytes: u64,
+}
+
+impl Route {
+    fn matches_path(&self, path: &str) -> bool {
+        let p = &self.path_prefix;
+        match path.strip_prefix(p.as_str()) {
+            Some(rest) => rest.is_empty() || p.ends_with('/') || rest.starts_with('/'),
+            None => false,
+        }
+    }
+
+    fn allows(&self, method: &Method) -> bool {
+        self.methods.is_empty() || self.methods.contains(method)
+    }
+}
+
+/// What matching a request found.
+#[derive(Debug)]
+pub enum Match<'a> {
+    /// The most specific route that takes this method on this path.
+    Found(&'a Arc<Route>),
+    /// Routes exist for the path, none for the method: the most specific of them (for labels)
+    /// and the `Allow` header value.
+    MethodNotAllowed(&'a Arc<Route>, String),
+    /// No route serves the path.
+    NotFound,
+    /// The path is not one a route may be matched against (see [`is_unsafe_path`]).
+    BadPath,
+}
+
+/// All routes, most specific (longest prefix) first.
+#[derive(Debug)]
+pub struct RouteTable {
+    routes: Vec<Arc<Route>>,
+}
+
+impl RouteTable {
+    /// Builds the table from validated config routes.
+    pub fn new(routes: &[config::Route]) -> Self {
+        let mut routes: Vec<Arc<Route>> = routes
+            .iter()
+            .map(|r| {
+                Arc::new(Route {
+                    name: r.name.clone(),
+                    path_prefix: r.path_prefix.clone(),
+                    methods: r.methods.clone(),
+                    upstream: r.upstream,
+                    max_body_bytes: r.max_body_bytes,
+                })
+            })
+            .collect();
+        // Stable sort: equal prefixes keep file order.
+        routes.sort_by_key(|r| std::cmp::Reverse(r.path_prefix.len()));
+        RouteTable { routes }
+    }
+
+    /// The routes, most specific first.
+    pub fn routes(&self) -> &[Arc<Route>] {
+        &self.routes
+    }
+
+    /// Finds the route for `method` and `path` (the path without its query).
+    ///
+    /// The longest matching prefix that allows the method wins; when the path matches only
+    /// routes that refuse the method, the answer is 405 with the union of their methods.
+    pub fn find(&self, method: &Method, path: &str) -> Match<'_> {
+        if is_unsafe_path(path) {
+            return Match::BadPath;
+        }
+        let mut most_specific = None;
+        for route in &self.routes {
+            if route.matches_path(path) {
+                if route.allows(method) {
+                    return Match::Found(route);
+                }
+                most_specific = most_specific.or(Some(route));
+            }
+        }
+        let Some(most_specific) = most_specific else {
+            return Match::NotFound;
+        };
+        let mut allowed: Vec<&str> = Vec::new();
+        for route in self.routes.iter().filter(|r| r.matches_path(path)) {
+            for m in &route.methods {
+                if !allowed.contains(&m.as_str()) {
+                    allowed.push(m.as_str());
+                }
+            }
+        }
+        Match::MethodNotAllowed(most_specific, allowed.join(", "))
+    }
+}
+
+/// True for paths that could make the gateway and the upstream disagree about which resource is
+/// meant: not starting with `/`, empty segments (`//`), `.` or `..` segments, backslashes,
+/// control characters, and percent-encoded dots, slashes, backslashes or control bytes.
+pub fn is_unsafe_path(path: &str) -> bool {
+    if !path.starts_with('/') {
+        return true;
+    }
+    let bytes = path.as_bytes();
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'\\' => return true,
+            b if b.is_ascii_control() || b == b' ' => return true,
+            b'%' => {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok());
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b'.' | b'/' | b'\\') => return true,
+                    Some(c) if c.is_ascii_control() => return true,
+                    Some(_) => {}
+                    None => return true, // malformed percent-encoding
+                }
+            }
+            _ => {}
+        }
+    }
+    path.contains("//") || path.split('/').any(|seg| seg == "." || seg == "..")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(name: &str, prefix: &str, methods: &[Method]) -> config::Route {
+        config::Route {
+            name: name.into(),
+            path_prefix: prefix.into(),
+            methods: methods.to_vec(),
+            upstream: 0,
+            max_body_bytes: 10,
+        }
+    }
+
+    fn table() -> RouteTable {
+        RouteTable::new(&[
+            route("api", "/api/v1/", &[]),
+            route("login", "/api/v1/auth/login", &[Method::POST]),
+            route("health", "/healthz", &[Method::GET, Method::HEAD]),
+        ])
+    }
+
+    fn name(m: Match<'_>) -> String {
+        match m {
+            Match::Found(r) => r.name.clone(),
+            Match::MethodNotAllowed(r, a) => format!("405 {} {a}", r.name),
+            Match::NotFound => "404".into(),
+            Match::BadPath => "bad".into(),
+        }
+    }
+
+    #[test]
+    fn longest_prefix_on_segment_boundaries() {
+        let t = table();
+        assert_eq!(name(t.find(&Method::POST, "/api/v1/auth/login")), "login");
+        assert_eq!(name(t.find(&Method::POST, "/api/v1/auth/login/x")), "login");
+        // Not a segment boundary: falls back to the broader route.
+        assert_eq!(name(t.find(&Method::POST, "/api/v1/auth/loginx")), "api");
+        assert_eq!(name(t.find(&Method::GET, "/api/v1/auth/login")), "api");
+        assert_eq!(name(t.find(&Method::GET, "/healthz")), "health");
+        assert_eq!(name(t.find(&Method::GET, "/healthzz")), "404");
+        assert_eq!(name(t.find(&Method::GET, "/api/v1")), "404");
+    }
+
+    #[test]
+    fn wrong_method_lists_allowed() {
+        assert_eq!(
+            name(table().find(&Method::POST, "/healthz")),
+            "405 health GET, HEAD"
+        );
+    }
+
+    #[test]
+    fn path_tricks_are_refused() {
+        for p in [
+            "/api/v1/../admin",
+            "/api/v1/./x",
+            "//api/v1/x",
+            "/api/v1//x",
+            "/api/v1/%2e%2e/x",
+            "/api/v1/%2E/x",
+            "/api/v1%2fx",
+            "/api/v1/%5cx",
+            "/api/v1/%zz",
+            "/api/v1/%0a",
+            "/api\\v1",
+            "api/v1",
+            "",
+        ] {
+            assert!(is_unsafe_path(p), "{p}");
+        }
+        for p in [
+            "/",
+            "/api/v1/",
+            "/api/v1/x%20y",
+            "/a/b.c/..d",
+            "/api/v1/users/1",
+        ] {
+            assert!(!is_unsafe_path(p), "{p}");
+        }
+    }
+}

@@ -1,0 +1,364 @@
+//! Test harness: the real gateway binary, a misbehaving upstream on 127.0.0.1 and a raw HTTP/1.1
+//! client that shows framing exactly as it arrives.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub mod upstream;
+
+/// A free port on 127.0.0.1 (bound then released; the gateway binds it right after).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// A running gateway process, killed on drop.
+pub struct Gateway {
+    child: Child,
+    /// Public listener.
+    pub addr: SocketAddr,
+    /// Admin listener.
+    pub admin: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    /// Starts the gateway binary with `[server]` filled in and `rest` (upstreams, routes) appended.
+    pub fn start(rest: &str) -> Gateway {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let text = format!(
+            "[server]\nlisten = \"{addr}\"\nadmin_listen = \"{admin}\"\nthreads = 2\n\
+             shutdown_grace_seconds = 0\nclient_body_timeout_ms = 2000\n\n{rest}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, text).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_get2dial-gateway"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the gateway binary");
+        let gw = Gateway {
+            child,
+            addr,
+            admin,
+            _dir: dir,
+        };
+        gw.wait_ready();
+        gw
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if TcpStream::connect(self.addr).is_ok() {
+                if let Ok(r) = try_request(self.admin, &get("/healthz")) {
+                    if r.status == 200 {
+                        return;
+                    }
+                }
+            }
+            thread::sleep(Duration::from_millis(25));
+        }
+        panic!("gateway did not become ready on {} / {}", self.addr, self.admin);
+    }
+
+    /// Sends one raw request on a new connection.
+    pub fn send(&self, raw: &[u8]) -> Response {
+        request(self.addr, raw)
+    }
+
+    /// GET `path` on a new connection.
+    pub fn get(&self, path: &str) -> Response {
+        self.send(&get(path))
+    }
+
+    /// The admin `/metrics` text.
+    pub fn metrics(&self) -> String {
+        let r = request(self.admin, &get("/metrics"));
+        assert_eq!(r.status, 200);
+        String::from_utf8(r.body).unwrap()
+    }
+
+    /// True while the process runs.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A GET request head.
+pub fn get(path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: gw.test\r\n\r\n").into_bytes()
+}
+
+/// How the response body was framed on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// `Content-Length`.
+    Length,
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+    /// Until the connection closed.
+    Close,
+    /// No body by definition (HEAD, 1xx, 204, 304).
+    None,
+}
+
+/// A response as read off the wire.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub framing: Framing,
+    /// False when the connection ended before the framing said the body was complete.
+    pub complete: bool,
+}
+
+impl Response {
+    /// First value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// How many times header `name` occurs.
+    pub fn header_count(&self, name: &str) -> usize {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .count()
+    }
+
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// Asserts this is exactly the envelope for `status` and `message`, with honest framing.
+    #[track_caller]
+    pub fn assert_envelope(&self, status: u16, message: &str) {
+        let expected = format!("{{\"status\":\"error\",\"message\":\"{message}\"}}");
+        assert_eq!(self.status, status, "status; body {:?}", self.text());
+        assert_eq!(self.text(), expected);
+        assert!(self.complete, "body incomplete");
+        assert_eq!(self.header("content-type"), Some("application/json"));
+        assert_eq!(self.header("content-encoding"), None, "stale content-encoding");
+        assert!(self.header("x-request-id").is_some(), "no request id");
+        match self.framing {
+            Framing::Length => assert_eq!(
+                self.header("content-length"),
+                Some(expected.len().to_string().as_str())
+            ),
+            Framing::Chunked => assert_eq!(self.header("content-length"), None),
+            other => panic!("envelope framed as {other:?}"),
+        }
+    }
+}
+
+/// A client connection that can carry several requests (keep-alive).
+pub struct Conn {
+    reader: BufReader<TcpStream>,
+}
+
+impl Conn {
+    /// Connects to `addr`.
+    pub fn open(addr: SocketAddr) -> Conn {
+        let s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        Conn {
+            reader: BufReader::new(s),
+        }
+    }
+
+    /// Writes raw bytes.
+    pub fn write(&mut self, raw: &[u8]) {
+        self.reader.get_mut().write_all(raw).expect("write");
+    }
+
+    /// Sends `raw` and reads one response.
+    pub fn send(&mut self, raw: &[u8]) -> Response {
+        self.write(raw);
+        let head_only = raw.starts_with(b"HEAD ");
+        self.read(head_only).expect("read response")
+    }
+
+    /// True when the server closed the connection (read returns EOF).
+    pub fn closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.reader.read(&mut b), Ok(0) | Err(_))
+    }
+
+    /// Reads one response.
+    pub fn read(&mut self, head_only: bool) -> std::io::Result<Response> {
+        let mut head = Vec::new();
+        loop {
+            let n = self.reader.read_until(b'\n', &mut head)?;
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("closed after {} head bytes", head.len()),
+                ));
+            }
+            if head.ends_with(b"\r\n\r\n") {
+                break;
+            }
+        }
+        let mut hdrs = [httparse::EMPTY_HEADER; 64];
+        let mut parsed = httparse::Response::new(&mut hdrs);
+        parsed
+            .parse(&head)
+            .map_err(|e| std::io::Error::other(format!("bad response head: {e}")))?;
+        let status = parsed.code.unwrap_or(0);
+        let headers: Vec<(String, String)> = parsed
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    h.name.to_ascii_lowercase(),
+                    String::from_utf8_lossy(h.value).into_owned(),
+                )
+            })
+            .collect();
+        let mut resp = Response {
+            status,
+            headers,
+            body: Vec::new(),
+            framing: Framing::None,
+            complete: true,
+        };
+        if head_only || status < 200 || status == 204 || status == 304 {
+            return Ok(resp);
+        }
+        if resp
+            .header("transfer-encoding")
+            .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
+        {
+            resp.framing = Framing::Chunked;
+            resp.complete = self.read_chunked(&mut resp.body);
+        } else if let Some(len) = resp.header("content-length") {
+            let len: usize = len.trim().parse().expect("numeric content-length");
+            resp.framing = Framing::Length;
+            let mut buf = vec![0u8; len];
+            let mut got = 0;
+            while got < len {
+                match self.reader.read(&mut buf[got..]) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got += n,
+                }
+            }
+            buf.truncate(got);
+            resp.complete = got == len;
+            resp.body = buf;
+        } else {
+            resp.framing = Framing::Close;
+            let _ = self.reader.read_to_end(&mut resp.body);
+        }
+        Ok(resp)
+    }
+
+    fn read_chunked(&mut self, body: &mut Vec<u8>) -> bool {
+        loop {
+            let mut line = String::new();
+            match self.reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return false,
+                Ok(_) => {}
+            }
+            let size = match usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+            {
+                Ok(s) => s,
+                Err(_) => return false,
+            };
+            if size == 0 {
+                // Trailers, then the empty line.
+                loop {
+                    let mut t = String::new();
+                    match self.reader.read_line(&mut t) {
+                        Ok(0) | Err(_) => return false,
+                        Ok(_) if t == "\r\n" => return true,
+                        Ok(_) => {}
+                    }
+                }
+            }
+            let start = body.len();
+            body.resize(start + size, 0);
+            if self.reader.read_exact(&mut body[start..]).is_err() {
+                body.truncate(start);
+                return false;
+            }
+            let mut crlf = [0u8; 2];
+            if self.reader.read_exact(&mut crlf).is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// The underlying stream.
+    pub fn stream(&mut self) -> &mut TcpStream {
+        self.reader.get_mut()
+    }
+}
+
+/// One request on a new connection; panics if no response arrives.
+pub fn request(addr: SocketAddr, raw: &[u8]) -> Response {
+    try_request(addr, raw).expect("a response")
+}
+
+/// One request on a new connection.
+pub fn try_request(addr: SocketAddr, raw: &[u8]) -> std::io::Result<Response> {
+    let mut c = Conn::open(addr);
+    c.write(raw);
+    c.read(raw.starts_with(b"HEAD "))
+}
+
+/// Parses `/metrics` text into `series{labels} -> value`, labels sorted as exported.
+pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// A TCP port with nothing listening behind it.
+pub fn closed_port() -> u16 {
+    free_port()
+}
+
+/// Stops a background thread loop when dropped.
+pub struct StopFlag(pub Arc<AtomicBool>);
+
+impl Drop for StopFlag {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Shuts a stream down both ways, ignoring errors.
+pub fn hang_up(s: &TcpStream) {
+    let _ = s.shutdown(Shutdown::Both);
+}
