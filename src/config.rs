@@ -72,7 +72,7 @@ pub struct FileServer {
     /// Seconds in-flight requests get to finish on graceful shutdown.
     #[serde(default = "default_grace")]
     pub shutdown_grace_seconds: u64,
-    /// Seconds a client has to send its request body between two reads.
+    /// Longest pause, in milliseconds, between two reads of a client's request body.
     #[serde(default = "default_client_body_timeout")]
     pub client_body_timeout_ms: u64,
 }
@@ -101,8 +101,9 @@ fn default_threads() -> usize {
 fn default_grace() -> u64 {
     5
 }
+/// Below the upstreams' default read timeout, so a stalled client gets 408 rather than 504.
 fn default_client_body_timeout() -> u64 {
-    30_000
+    10_000
 }
 
 /// One `[[upstreams]]` entry as written.

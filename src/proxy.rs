@@ -294,8 +294,8 @@ impl ProxyHttp for Gateway {
             .duration
             .with_label_values(&[route])
             .observe(ctx.start.elapsed().as_secs_f64());
-        let rewritten =
-            ctx.empty_error.is_some() || ctx.rewrite.as_ref().is_some_and(Rewrite::violated_contract);
+        let rewritten = ctx.empty_error.is_some()
+            || ctx.rewrite.as_ref().is_some_and(Rewrite::violated_contract);
         if rewritten {
             self.metrics
                 .errors_rewritten

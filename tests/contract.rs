@@ -125,7 +125,11 @@ fn upstream_errors_become_envelopes() {
         ("/u/json-404-multiline", 404, "not found"),
         ("/u/empty-404", 404, "not found"),
         ("/u/empty-503", 503, "service unavailable"),
-        ("/u/empty-401", 401, "missing or invalid authorization header"),
+        (
+            "/u/empty-401",
+            401,
+            "missing or invalid authorization header",
+        ),
         ("/u/gzip-404", 404, "no such call"),
         ("/u/gzip-500", 500, "internal server error"),
         ("/u/br-400", 400, "invalid request body"),
@@ -160,7 +164,10 @@ fn upstream_errors_become_envelopes() {
     // Envelopes pass unchanged, whatever the status.
     let r = gw.get("/u/envelope-409");
     assert_eq!(r.status, 409);
-    assert_eq!(r.text(), r#"{"status":"error","message":"version mismatch"}"#);
+    assert_eq!(
+        r.text(),
+        r#"{"status":"error","message":"version mismatch"}"#
+    );
     let r = gw.get("/u/envelope-500");
     assert_eq!(r.status, 500);
     assert_eq!(
@@ -174,7 +181,11 @@ fn head_requests_get_envelope_headers_without_body() {
     let up = Upstream::start();
     let gw = gateway(&up);
     let mut c = Conn::open(gw.addr);
-    for (path, len) in [("/u/html-500", "52"), ("/u/empty-404", "40"), ("/nowhere", "40")] {
+    for (path, len) in [
+        ("/u/html-500", "52"),
+        ("/u/empty-404", "40"),
+        ("/nowhere", "40"),
+    ] {
         let r = c.send(format!("HEAD {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
         assert!(r.status >= 400, "{path}");
         assert_eq!(r.header("content-type"), Some("application/json"), "{path}");
@@ -209,7 +220,10 @@ fn keep_alive_connection_survives_every_kind_of_answer() {
         assert_eq!(r.status, *status, "{path}");
         assert!(r.complete, "{path}");
         if *status >= 400 {
-            assert!(r.text().starts_with(r#"{"status":"error","message":""#), "{path}");
+            assert!(
+                r.text().starts_with(r#"{"status":"error","message":""#),
+                "{path}"
+            );
         }
     }
     let r = c.send(b"POST /only-get HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n");
@@ -243,7 +257,9 @@ fn gateway_made_errors() {
     c.write(chunk.as_bytes());
     c.write(chunk.as_bytes());
     c.write(b"0\r\n\r\n");
-    c.read(false).unwrap().assert_envelope(413, "request body too large");
+    c.read(false)
+        .unwrap()
+        .assert_envelope(413, "request body too large");
 
     // A body under the cap goes through.
     let r = gw.send(b"POST /u/echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello");
@@ -251,9 +267,15 @@ fn gateway_made_errors() {
     assert!(r.text().ends_with("hello"));
 
     // Path tricks cannot reach a route by another name.
-    for path in ["/u/../dead", "/u/%2e%2e/dead", "/u//ok", "/u/./ok", "/u/%2fok", "/u/%zz"] {
-        gw.get(path)
-            .assert_envelope(400, "invalid request path");
+    for path in [
+        "/u/../dead",
+        "/u/%2e%2e/dead",
+        "/u//ok",
+        "/u/./ok",
+        "/u/%2fok",
+        "/u/%zz",
+    ] {
+        gw.get(path).assert_envelope(400, "invalid request path");
     }
     assert_eq!(up.hits.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
@@ -265,7 +287,11 @@ fn upstream_failures_map_to_502_503_504() {
 
     let r = gw.get("/dead");
     r.assert_envelope(502, "upstream unavailable");
-    for path in ["/u/reset-before-headers", "/u/close-before-headers", "/u/garbage"] {
+    for path in [
+        "/u/reset-before-headers",
+        "/u/close-before-headers",
+        "/u/garbage",
+    ] {
         gw.get(path).assert_envelope(502, "upstream unavailable");
     }
     gw.get("/u/slow-headers")
@@ -304,8 +330,13 @@ fn upstream_failures_map_to_502_503_504() {
 fn connect_timeout_is_504() {
     // A listener whose accept queue is full drops new SYNs, so connecting times out.
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into())
-        .unwrap();
+    sock.bind(
+        &"127.0.0.1:0"
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .into(),
+    )
+    .unwrap();
     sock.listen(0).unwrap();
     let addr = sock.local_addr().unwrap().as_socket().unwrap();
     let mut fillers = Vec::new();
@@ -351,7 +382,10 @@ fn request_ids_are_kept_made_and_forwarded() {
     let seen = r.text().to_ascii_lowercase();
     assert!(seen.contains("x-request-id: trace-42\r\n"), "{seen}");
     assert!(seen.contains("x-forwarded-for: 127.0.0.1\r\n"), "{seen}");
-    assert!(!seen.contains("6.6.6.6"), "client-sent X-Forwarded-For must not pass: {seen}");
+    assert!(
+        !seen.contains("6.6.6.6"),
+        "client-sent X-Forwarded-For must not pass: {seen}"
+    );
 
     let r = with_id("/u/echo", "bad id with spaces");
     let made = r.header("x-request-id").unwrap().to_string();
@@ -426,7 +460,11 @@ fn metrics_count_every_answer_by_exact_status() {
     assert_eq!(rewritten(500), Some(2.0));
     assert_eq!(rewritten(404), Some(4.0));
     assert_eq!(rewritten(503), Some(1.0));
-    assert_eq!(rewritten(409), None, "a passed-through envelope is no violation");
+    assert_eq!(
+        rewritten(409),
+        None,
+        "a passed-through envelope is no violation"
+    );
 
     assert_eq!(
         m.get(r#"gateway_upstream_failures_total{kind="connect_refused",route="dead",upstream="dead"}"#),
@@ -437,4 +475,16 @@ fn metrics_count_every_answer_by_exact_status() {
         Some(&11.0)
     );
     assert_eq!(m.get(r#"gateway_build_info{version="0.1.0"}"#), Some(&1.0));
+}
+
+#[test]
+fn stalled_client_body_is_408() {
+    let up = Upstream::start();
+    let gw = gateway(&up);
+    let mut c = Conn::open(gw.addr);
+    c.write(b"POST /u/echo HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc");
+    // The harness sets client_body_timeout_ms = 400, below the upstream read timeout (700).
+    c.read(false)
+        .unwrap()
+        .assert_envelope(408, "request timeout");
 }

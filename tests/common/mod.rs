@@ -38,7 +38,7 @@ impl Gateway {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let text = format!(
             "[server]\nlisten = \"{addr}\"\nadmin_listen = \"{admin}\"\nthreads = 2\n\
-             shutdown_grace_seconds = 0\nclient_body_timeout_ms = 2000\n\n{rest}"
+             shutdown_grace_seconds = 0\nclient_body_timeout_ms = 400\n\n{rest}"
         );
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gateway.toml");
@@ -73,7 +73,10 @@ impl Gateway {
             }
             thread::sleep(Duration::from_millis(25));
         }
-        panic!("gateway did not become ready on {} / {}", self.addr, self.admin);
+        panic!(
+            "gateway did not become ready on {} / {}",
+            self.addr, self.admin
+        );
     }
 
     /// Sends one raw request on a new connection.
@@ -165,7 +168,11 @@ impl Response {
         assert_eq!(self.text(), expected);
         assert!(self.complete, "body incomplete");
         assert_eq!(self.header("content-type"), Some("application/json"));
-        assert_eq!(self.header("content-encoding"), None, "stale content-encoding");
+        assert_eq!(
+            self.header("content-encoding"),
+            None,
+            "stale content-encoding"
+        );
         assert!(self.header("x-request-id").is_some(), "no request id");
         match self.framing {
             Framing::Length => assert_eq!(
@@ -186,11 +193,16 @@ pub struct Conn {
 impl Conn {
     /// Connects to `addr`.
     pub fn open(addr: SocketAddr) -> Conn {
-        let s = TcpStream::connect(addr).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-        Conn {
+        Conn::try_open(addr).expect("connect")
+    }
+
+    /// Connects to `addr`, reporting failure.
+    pub fn try_open(addr: SocketAddr) -> std::io::Result<Conn> {
+        let s = TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(15)))?;
+        Ok(Conn {
             reader: BufReader::new(s),
-        }
+        })
     }
 
     /// Writes raw bytes.
@@ -328,8 +340,8 @@ pub fn request(addr: SocketAddr, raw: &[u8]) -> Response {
 
 /// One request on a new connection.
 pub fn try_request(addr: SocketAddr, raw: &[u8]) -> std::io::Result<Response> {
-    let mut c = Conn::open(addr);
-    c.write(raw);
+    let mut c = Conn::try_open(addr)?;
+    c.reader.get_mut().write_all(raw)?;
     c.read(raw.starts_with(b"HEAD "))
 }
 

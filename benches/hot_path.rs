@@ -1,0 +1,87 @@
+//! Micro-benches of the per-request work: route matching and upstream error normalisation.
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use get2dial_gateway::config::Route;
+use get2dial_gateway::envelope;
+use get2dial_gateway::routes::RouteTable;
+use http::Method;
+
+fn route(name: &str, prefix: &str, methods: &[Method]) -> Route {
+    Route {
+        name: name.into(),
+        path_prefix: prefix.into(),
+        methods: methods.to_vec(),
+        upstream: 0,
+        max_body_bytes: 1 << 20,
+    }
+}
+
+/// A route table shaped like the Get2Dial API's.
+fn table() -> RouteTable {
+    RouteTable::new(&[
+        route("login", "/api/v1/auth/login", &[Method::POST]),
+        route("me", "/api/v1/auth/me", &[Method::GET]),
+        route("node-register", "/api/v1/nodes/register", &[Method::POST]),
+        route("node-heartbeat", "/api/v1/nodes/heartbeat", &[Method::POST]),
+        route("nodes", "/api/v1/nodes/", &[]),
+        route("edge-health", "/api/v1/edge/health", &[Method::GET]),
+        route(
+            "desired-state",
+            "/api/v1/edge/desired-state",
+            &[Method::GET],
+        ),
+        route("recordings", "/api/v1/recordings/", &[Method::GET]),
+        route("api", "/api/v1/", &[]),
+        route("ws-supervisor", "/ws/supervisor", &[Method::GET]),
+        route("ws-agent", "/ws/agent", &[Method::GET]),
+        route("healthz", "/healthz", &[Method::GET]),
+        route("readyz", "/readyz", &[Method::GET]),
+    ])
+}
+
+fn routes(c: &mut Criterion) {
+    let t = table();
+    let mut g = c.benchmark_group("route_match");
+    g.bench_function("api_call", |b| {
+        b.iter(|| {
+            t.find(
+                black_box(&Method::GET),
+                black_box("/api/v1/calls/8f3a/events"),
+            )
+        })
+    });
+    g.bench_function("login", |b| {
+        b.iter(|| t.find(black_box(&Method::POST), black_box("/api/v1/auth/login")))
+    });
+    g.bench_function("not_found", |b| {
+        b.iter(|| t.find(black_box(&Method::GET), black_box("/wp-admin/setup.php")))
+    });
+    g.finish();
+}
+
+fn normalise(c: &mut Criterion) {
+    let html = b"<html><body><h1>500</h1><pre>panic: runtime error</pre></body></html>".to_vec();
+    let json = br#"{"error":"email is invalid","code":"E_EMAIL"}"#.to_vec();
+    let big = {
+        let mut v = b"{\"message\":\"".to_vec();
+        v.extend(std::iter::repeat_n(b'x', 64 * 1024 - 16));
+        v.extend_from_slice(b"\"}");
+        v
+    };
+    let mut g = c.benchmark_group("normalise");
+    g.bench_function("small_html_500", |b| {
+        b.iter(|| envelope::normalise(500, black_box(&html)))
+    });
+    g.bench_function("small_json_422", |b| {
+        b.iter(|| envelope::normalise(422, black_box(&json)))
+    });
+    g.bench_function("json_64k_404", |b| {
+        b.iter(|| envelope::normalise(404, black_box(&big)))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, routes, normalise);
+criterion_main!(benches);

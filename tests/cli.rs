@@ -1,0 +1,111 @@
+//! The command line: `check-config` and `demo`, run as the real binary.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_port, get, try_request};
+
+const BIN: &str = env!("CARGO_BIN_EXE_get2dial-gateway");
+
+#[test]
+fn check_config_accepts_the_documented_example() {
+    let out = Command::new(BIN)
+        .args(["check-config", "config/gateway.toml"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("route login"), "{text}");
+    assert!(text.contains("-> control"), "{text}");
+}
+
+#[test]
+fn check_config_names_the_file_and_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "[[upstreams]]\nname = \"a\"\nservers = [\"127.0.0.1:1\"]\n[[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"b\"\n",
+            "routes[0].upstream",
+        ),
+        (
+            "[server]\nlisten = \"nowhere\"\n",
+            "server.listen",
+        ),
+        (
+            "[[upstreams]]\nname = \"a\"\nservers = [\"127.0.0.1:1\"]\ntimeout = 5\n",
+            "timeout",
+        ),
+        (
+            "[[upstreams]]\nname = \"a\"\nservers = [\"127.0.0.1:1\"]\nconnect_timeout_ms = 0\n[[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"a\"\n",
+            "upstreams[0].connect_timeout_ms",
+        ),
+    ];
+    for (i, (text, key)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("bad{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(BIN)
+            .arg("check-config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&*path.to_string_lossy()), "{err}");
+        assert!(err.contains(key), "expected {key} in: {err}");
+    }
+    let out = Command::new(BIN)
+        .args(["check-config", "/nonexistent/gw.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/gw.toml"));
+}
+
+#[test]
+fn demo_shows_the_contract_in_front_of_the_stand_in() {
+    let (listen, admin, stand_in) = (free_port(), free_port(), free_port());
+    let example = std::fs::read_to_string("config/gateway.toml").unwrap();
+    let config = example
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{listen}"))
+        .replace("127.0.0.1:9090", &format!("127.0.0.1:{admin}"))
+        .replace("127.0.0.1:8081", &format!("127.0.0.1:{stand_in}"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("demo.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["demo", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{listen}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let r = loop {
+        match try_request(addr, &get("/api/v1/demo/html-500")) {
+            Ok(r) => break r,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => panic!("demo did not answer: {e}"),
+        }
+    };
+    r.assert_envelope(500, "internal server error");
+    try_request(addr, &get("/api/v1/demo/foreign-json"))
+        .unwrap()
+        .assert_envelope(422, "phone number must be E.164");
+    try_request(addr, &get("/api/v1/nope"))
+        .unwrap()
+        .assert_envelope(404, "not found");
+    let login = b"POST /api/v1/auth/login HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 56\r\n\r\n{\"email\":\"demo@get2dial.com\",\"password\":\"demo-password\"}";
+    let r = try_request(addr, login).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().starts_with(r#"{"status":"success""#));
+    let _ = child.kill();
+    let _ = child.wait();
+}
