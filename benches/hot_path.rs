@@ -3,6 +3,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use get2dial_gateway::auth::Mode;
 use get2dial_gateway::config::Route;
 use get2dial_gateway::envelope;
 use get2dial_gateway::routes::RouteTable;
@@ -15,6 +16,10 @@ fn route(name: &str, prefix: &str, methods: &[Method]) -> Route {
         methods: methods.to_vec(),
         upstream: 0,
         max_body_bytes: 1 << 20,
+        auth: Mode::Public,
+        min_role: None,
+        allow_networks: Vec::new(),
+        node_keys: None,
     }
 }
 

@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# A throwaway signing secret for the demo only; set your own for anything else.
+export GATEWAY_JWT_SECRET="${GATEWAY_JWT_SECRET:-demo-only-secret-not-for-production}"
 exec cargo run --locked -- demo --config config/gateway.toml "$@"

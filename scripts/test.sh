@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-exec cargo test --locked --all-targets "$@"
+# Each criterion bench runs once as a smoke test; the test run comes last so its summary closes the log.
+cargo test --locked --benches -q
+exec cargo test --locked "$@"

@@ -11,8 +11,15 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use http::Method;
+use std::sync::Arc;
+
+use http::{HeaderName, Method};
+use ipnet::IpNet;
 use serde::Deserialize;
+
+use crate::auth::jwt;
+use crate::auth::node_key::NodeKeys;
+use crate::auth::{Mode, Role};
 
 /// A configuration problem, naming the file and the key that is wrong.
 #[derive(Debug)]
@@ -54,6 +61,87 @@ pub struct FileConfig {
     /// `[[routes]]`: which paths go where.
     #[serde(default)]
     pub routes: Vec<FileRoute>,
+    /// `[jwt]`: user token settings; required when a route uses `jwt` or `jwt_query`.
+    #[serde(default)]
+    pub jwt: Option<FileJwt>,
+    /// `[identity_headers]`: names of the headers that carry the verified identity upstream.
+    #[serde(default)]
+    pub identity_headers: FileIdentityHeaders,
+}
+
+/// `[jwt]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileJwt {
+    /// Active secrets, newest first, each `env:NAME` or `file:PATH`.
+    pub secrets: Vec<String>,
+    /// Required `iss`.
+    #[serde(default = "default_issuer")]
+    pub issuer: String,
+    /// Required `aud`.
+    #[serde(default = "default_audience")]
+    pub audience: String,
+    /// Clock leeway for `exp` / `nbf`.
+    #[serde(default = "default_leeway")]
+    pub leeway_seconds: u64,
+    /// Longest token accepted.
+    #[serde(default = "default_max_token")]
+    pub max_token_bytes: usize,
+}
+
+fn default_issuer() -> String {
+    "get2dial".into()
+}
+fn default_audience() -> String {
+    "get2dial-control".into()
+}
+fn default_leeway() -> u64 {
+    30
+}
+fn default_max_token() -> usize {
+    4096
+}
+
+/// `[identity_headers]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileIdentityHeaders {
+    /// Carries `tid`.
+    #[serde(default = "default_tenant_header")]
+    pub tenant: String,
+    /// Carries `sub`.
+    #[serde(default = "default_user_header")]
+    pub user: String,
+    /// Carries `role`.
+    #[serde(default = "default_role_header")]
+    pub role: String,
+    /// Carries `email`.
+    #[serde(default = "default_email_header")]
+    pub email: String,
+}
+
+impl Default for FileIdentityHeaders {
+    fn default() -> Self {
+        FileIdentityHeaders {
+            tenant: default_tenant_header(),
+            user: default_user_header(),
+            role: default_role_header(),
+            email: default_email_header(),
+        }
+    }
+}
+
+fn default_tenant_header() -> String {
+    "X-Tenant-Id".into()
+}
+fn default_user_header() -> String {
+    "X-User-Id".into()
+}
+fn default_role_header() -> String {
+    "X-User-Role".into()
+}
+fn default_email_header() -> String {
+    "X-User-Email".into()
 }
 
 /// `[server]` as written.
@@ -75,6 +163,9 @@ pub struct FileServer {
     /// Longest pause, in milliseconds, between two reads of a client's request body.
     #[serde(default = "default_client_body_timeout")]
     pub client_body_timeout_ms: u64,
+    /// How often watched files (node key digests) are checked for changes.
+    #[serde(default = "default_watch_interval")]
+    pub watch_interval_ms: u64,
 }
 
 impl Default for FileServer {
@@ -85,6 +176,7 @@ impl Default for FileServer {
             threads: default_threads(),
             shutdown_grace_seconds: default_grace(),
             client_body_timeout_ms: default_client_body_timeout(),
+            watch_interval_ms: default_watch_interval(),
         }
     }
 }
@@ -101,6 +193,10 @@ fn default_threads() -> usize {
 fn default_grace() -> u64 {
     5
 }
+fn default_watch_interval() -> u64 {
+    2_000
+}
+
 /// Below the upstreams' default read timeout, so a stalled client gets 408 rather than 504.
 fn default_client_body_timeout() -> u64 {
     10_000
@@ -157,6 +253,17 @@ pub struct FileRoute {
     /// Largest request body accepted, in bytes.
     #[serde(default = "default_max_body")]
     pub max_body_bytes: u64,
+    /// How callers authenticate: `public`, `jwt`, `jwt_query` or `node_key`. Required.
+    pub auth: Mode,
+    /// Lowest role allowed (`jwt` and `jwt_query` routes).
+    #[serde(default)]
+    pub min_role: Option<Role>,
+    /// Source networks allowed (CIDRs or addresses); empty allows every source.
+    #[serde(default)]
+    pub allow_networks: Vec<String>,
+    /// File of SHA-256 digests of valid node keys (`node_key` routes).
+    #[serde(default)]
+    pub node_key_digests_file: Option<PathBuf>,
 }
 
 /// The Get2Dial API caps request bodies at 1 MB.
@@ -179,6 +286,30 @@ pub struct Config {
     pub upstreams: Vec<Upstream>,
     /// Routes, in file order; each `upstream` is an index into `upstreams`.
     pub routes: Vec<Route>,
+    /// User token settings, when any route needs them.
+    pub jwt: Option<jwt::Settings>,
+    /// Header names for the verified identity.
+    pub identity_headers: IdentityHeaders,
+}
+
+/// Validated `[identity_headers]`.
+#[derive(Debug, Clone)]
+pub struct IdentityHeaders {
+    /// Carries `tid`.
+    pub tenant: HeaderName,
+    /// Carries `sub`.
+    pub user: HeaderName,
+    /// Carries `role`.
+    pub role: HeaderName,
+    /// Carries `email`.
+    pub email: HeaderName,
+}
+
+impl IdentityHeaders {
+    /// All four names.
+    pub fn all(&self) -> [&HeaderName; 4] {
+        [&self.tenant, &self.user, &self.role, &self.email]
+    }
 }
 
 /// Validated `[server]`.
@@ -194,6 +325,8 @@ pub struct Server {
     pub shutdown_grace: Duration,
     /// Longest pause between two reads of a client's request body.
     pub client_body_timeout: Duration,
+    /// How often watched files are checked for changes.
+    pub watch_interval: Duration,
 }
 
 /// Validated `[[upstreams]]` entry.
@@ -228,6 +361,25 @@ pub struct Route {
     pub upstream: usize,
     /// Largest request body accepted.
     pub max_body_bytes: u64,
+    /// How callers authenticate.
+    pub auth: Mode,
+    /// Lowest role allowed.
+    pub min_role: Option<Role>,
+    /// Source networks allowed; empty allows all.
+    pub allow_networks: Vec<IpNet>,
+    /// Known node keys, for `node_key` routes that configure a digest file.
+    pub node_keys: Option<Arc<NodeKeys>>,
+}
+
+impl std::fmt::Debug for NodeKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "NodeKeys({}, {} keys)",
+            self.path().display(),
+            self.len()
+        )
+    }
 }
 
 impl Config {
@@ -310,6 +462,7 @@ impl Validator<'_> {
             shutdown_grace: Duration::from_secs(s.shutdown_grace_seconds),
             client_body_timeout: self
                 .millis("server.client_body_timeout_ms", s.client_body_timeout_ms)?,
+            watch_interval: self.millis("server.watch_interval_ms", s.watch_interval_ms)?,
         };
         if server.listen == server.admin_listen {
             return Err(self.err(
@@ -401,13 +554,75 @@ impl Validator<'_> {
                         format!("no [[upstreams]] entry is named `{}`", r.upstream),
                     )
                 })?;
+            if r.min_role.is_some() && !matches!(r.auth, Mode::Jwt | Mode::JwtQuery) {
+                return Err(self.err(
+                    key("min_role"),
+                    format!(
+                        "needs auth = \"jwt\" or \"jwt_query\", not \"{}\"",
+                        r.auth.as_str()
+                    ),
+                ));
+            }
+            let node_keys = match (&r.node_key_digests_file, r.auth) {
+                (None, _) => None,
+                (Some(file), Mode::NodeKey) => {
+                    let keys = NodeKeys::load(&self.relative(file))
+                        .map_err(|e| self.err(key("node_key_digests_file"), e))?;
+                    Some(Arc::new(keys))
+                }
+                (Some(_), other) => {
+                    return Err(self.err(
+                        key("node_key_digests_file"),
+                        format!("needs auth = \"node_key\", not \"{}\"", other.as_str()),
+                    ))
+                }
+            };
+            let allow_networks = r
+                .allow_networks
+                .iter()
+                .enumerate()
+                .map(|(j, n)| self.network(&format!("routes[{i}].allow_networks[{j}]"), n))
+                .collect::<Result<Vec<_>, _>>()?;
             routes.push(Route {
                 name: r.name.clone(),
                 path_prefix: r.path_prefix.clone(),
                 methods,
                 upstream,
                 max_body_bytes: r.max_body_bytes,
+                auth: r.auth,
+                min_role: r.min_role,
+                allow_networks,
+                node_keys,
             });
+        }
+
+        let needs_jwt = routes
+            .iter()
+            .position(|r| matches!(r.auth, Mode::Jwt | Mode::JwtQuery));
+        let jwt = match (&file.jwt, needs_jwt) {
+            (Some(j), _) => Some(self.jwt(j)?),
+            (None, Some(i)) => {
+                return Err(self.err(
+                    "jwt",
+                    format!(
+                        "routes[{i}] uses auth = \"{}\" but there is no [jwt] section",
+                        routes[i].auth.as_str()
+                    ),
+                ))
+            }
+            (None, None) => None,
+        };
+
+        let h = &file.identity_headers;
+        let identity_headers = IdentityHeaders {
+            tenant: self.header_name("identity_headers.tenant", &h.tenant)?,
+            user: self.header_name("identity_headers.user", &h.user)?,
+            role: self.header_name("identity_headers.role", &h.role)?,
+            email: self.header_name("identity_headers.email", &h.email)?,
+        };
+        let names = identity_headers.all();
+        if (1..names.len()).any(|i| names[..i].contains(&names[i])) {
+            return Err(self.err("identity_headers", "the four header names must differ"));
         }
 
         Ok(Config {
@@ -415,6 +630,85 @@ impl Validator<'_> {
             server,
             upstreams,
             routes,
+            jwt,
+            identity_headers,
+        })
+    }
+
+    /// A path from the file, relative to the file's own directory.
+    fn relative(&self, p: &Path) -> PathBuf {
+        match self.path.parent() {
+            Some(dir) if p.is_relative() => dir.join(p),
+            _ => p.to_owned(),
+        }
+    }
+
+    fn network(&self, key: &str, value: &str) -> Result<IpNet, ConfigError> {
+        value
+            .parse::<IpNet>()
+            .or_else(|_| value.parse::<std::net::IpAddr>().map(IpNet::from))
+            .map_err(|_| {
+                self.err(
+                    key,
+                    format!("`{value}` is not a CIDR (10.0.0.0/8) or an IP address"),
+                )
+            })
+    }
+
+    fn header_name(&self, key: &str, value: &str) -> Result<HeaderName, ConfigError> {
+        HeaderName::from_bytes(value.as_bytes())
+            .map_err(|_| self.err(key, format!("`{value}` is not a valid header name")))
+    }
+
+    fn jwt(&self, j: &FileJwt) -> Result<jwt::Settings, ConfigError> {
+        if j.secrets.is_empty() {
+            return Err(self.err("jwt.secrets", "at least one secret source is required"));
+        }
+        let mut secrets = Vec::with_capacity(j.secrets.len());
+        for (i, source) in j.secrets.iter().enumerate() {
+            let key = format!("jwt.secrets[{i}]");
+            let secret = if let Some(name) = source.strip_prefix("env:") {
+                std::env::var(name)
+                    .map_err(|_| self.err(&key, format!("environment variable {name} is not set")))?
+                    .into_bytes()
+            } else if let Some(file) = source.strip_prefix("file:") {
+                let path = self.relative(Path::new(file));
+                let mut bytes = std::fs::read(&path)
+                    .map_err(|e| self.err(&key, format!("cannot read {}: {e}", path.display())))?;
+                // A trailing newline from `echo` or an editor is not part of the secret.
+                while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                    bytes.pop();
+                }
+                bytes
+            } else {
+                return Err(self.err(
+                    &key,
+                    "must be `env:NAME` or `file:PATH`; secrets never go in this file",
+                ));
+            };
+            if secret.len() < 16 {
+                return Err(self.err(
+                    &key,
+                    format!(
+                        "the secret is {} bytes; at least 16 are required",
+                        secret.len()
+                    ),
+                ));
+            }
+            secrets.push(secret);
+        }
+        if j.leeway_seconds > 300 {
+            return Err(self.err("jwt.leeway_seconds", "must be at most 300"));
+        }
+        if !(256..=65_536).contains(&j.max_token_bytes) {
+            return Err(self.err("jwt.max_token_bytes", "must be between 256 and 65536"));
+        }
+        Ok(jwt::Settings {
+            secrets,
+            issuer: j.issuer.clone(),
+            audience: j.audience.clone(),
+            leeway_seconds: j.leeway_seconds,
+            max_token_bytes: j.max_token_bytes,
         })
     }
 }
@@ -432,6 +726,7 @@ mod tests {
         name = "api"
         path_prefix = "/api/v1/"
         upstream = "control"
+        auth = "public"
     "#;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
@@ -483,6 +778,57 @@ mod tests {
         ))
         .unwrap_err();
         assert_eq!(e.key, "routes[0].methods[0]");
+    }
+
+    #[test]
+    fn jwt_routes_need_a_jwt_section_with_real_secrets() {
+        let jwt_route = MINIMAL.replace("auth = \"public\"", "auth = \"jwt\"");
+        let e = parse(&jwt_route).unwrap_err();
+        assert_eq!(e.key, "jwt");
+        let e = parse(&format!(
+            "{jwt_route}\n[jwt]\nsecrets = [\"hunter2hunter2hunter2\"]\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "jwt.secrets[0]");
+        let e = parse(&format!(
+            "{jwt_route}\n[jwt]\nsecrets = [\"env:G2D_TEST_UNSET_VAR\"]\n"
+        ))
+        .unwrap_err();
+        assert!(e.message.contains("G2D_TEST_UNSET_VAR"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("short"), "too-short\n").unwrap();
+        std::fs::write(dir.path().join("good"), "0123456789abcdef\n").unwrap();
+        let cfg = |f: &str| format!("{jwt_route}\n[jwt]\nsecrets = [\"file:{f}\"]\n");
+        let e = Config::parse(&cfg("short"), &dir.path().join("gw.toml")).unwrap_err();
+        assert!(e.message.contains("9 bytes"), "{e}");
+        let c = Config::parse(&cfg("good"), &dir.path().join("gw.toml")).unwrap();
+        assert_eq!(c.jwt.unwrap().secrets, vec![b"0123456789abcdef".to_vec()]);
+    }
+
+    #[test]
+    fn auth_options_must_fit_the_mode() {
+        let e = parse(&MINIMAL.replace(
+            "auth = \"public\"",
+            "auth = \"public\"\nmin_role = \"admin\"",
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "routes[0].min_role");
+        let e = parse(&MINIMAL.replace("auth = \"public\"", "auth = \"open\"")).unwrap_err();
+        assert!(e.message.contains("open"), "{e}");
+        let e = parse(&MINIMAL.replace(
+            "auth = \"public\"",
+            "auth = \"public\"\nallow_networks = [\"10.0.0.0/33\"]",
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "routes[0].allow_networks[0]");
+        let c = parse(&MINIMAL.replace(
+            "auth = \"public\"",
+            "auth = \"public\"\nallow_networks = [\"127.0.0.1\"]",
+        ))
+        .unwrap();
+        assert_eq!(c.routes[0].allow_networks[0].to_string(), "127.0.0.1/32");
+        let e = parse(&MINIMAL.replace("auth = \"public\"", "")).unwrap_err();
+        assert!(e.message.contains("auth"), "{e}");
     }
 
     #[test]

@@ -16,8 +16,38 @@ pub const DEMO_EMAIL: &str = "demo@get2dial.com";
 /// Its password.
 pub const DEMO_PASSWORD: &str = "demo-password";
 
-/// The stand-in app.
-pub struct StandIn;
+/// The stand-in app. It signs login tokens with the gateway's first JWT secret, so the tokens it
+/// hands out pass the gateway's checks.
+pub struct StandIn {
+    secret: Vec<u8>,
+    issuer: String,
+    audience: String,
+}
+
+impl StandIn {
+    /// A stand-in signing tokens with `settings`' first secret.
+    pub fn new(settings: &crate::auth::jwt::Settings) -> StandIn {
+        StandIn {
+            secret: settings.secrets.first().cloned().unwrap_or_default(),
+            issuer: settings.issuer.clone(),
+            audience: settings.audience.clone(),
+        }
+    }
+
+    fn token(&self) -> Option<String> {
+        let exp = jsonwebtoken::get_current_timestamp() + 12 * 3600;
+        let claims = serde_json::json!({
+            "tid": "tenant-demo", "sub": "user-demo", "email": DEMO_EMAIL, "role": "admin",
+            "iss": self.issuer, "aud": self.audience, "exp": exp,
+        });
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(&self.secret),
+        )
+        .ok()
+    }
+}
 
 const JSON: &str = "application/json";
 
@@ -28,13 +58,16 @@ impl ServeHttp for StandIn {
         let path = session.req_header().uri.path().to_owned();
         let body = read_body(session).await;
         match (method.as_str(), path.as_str()) {
-            ("POST", "/api/v1/auth/login") => login(&body),
+            ("POST", "/api/v1/auth/login") => self.login(&body),
             ("GET", "/api/v1/auth/me") => {
-                if session.req_header().headers.contains_key(http::header::AUTHORIZATION) {
-                    reply(StatusCode::OK, JSON, br#"{"status":"success","data":{"id":"u-1","email":"demo@get2dial.com","role":"admin"}}"#.to_vec())
-                } else {
-                    envelope_reply(StatusCode::UNAUTHORIZED, "missing or invalid authorization header")
-                }
+                // The gateway verified the token and says who called.
+                let h = &session.req_header().headers;
+                let get = |k: &str| h.get(k).and_then(|v| v.to_str().ok()).unwrap_or_default();
+                let me = serde_json::json!({
+                    "id": get("x-user-id"), "tenant_id": get("x-tenant-id"),
+                    "role": get("x-user-role"), "email": get("x-user-email"),
+                });
+                reply(StatusCode::OK, JSON, success(&me))
             }
             ("GET", "/api/v1/calls") => reply(
                 StatusCode::OK,
@@ -67,24 +100,42 @@ impl ServeHttp for StandIn {
     }
 }
 
-fn login(body: &[u8]) -> Response<Vec<u8>> {
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Login {
-        email: String,
-        password: String,
-        #[allow(dead_code)]
-        tenant_domain: Option<String>,
+impl StandIn {
+    fn login(&self, body: &[u8]) -> Response<Vec<u8>> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Login {
+            email: String,
+            password: String,
+            #[allow(dead_code)]
+            tenant_domain: Option<String>,
+        }
+        match serde_json::from_slice::<Login>(body) {
+            Err(_) => envelope_reply(StatusCode::BAD_REQUEST, "invalid request body"),
+            Ok(l)
+                if l.email.trim().eq_ignore_ascii_case(DEMO_EMAIL)
+                    && l.password == DEMO_PASSWORD =>
+            {
+                let Some(token) = self.token() else {
+                    return envelope_reply(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal server error",
+                    );
+                };
+                let data = serde_json::json!({
+                    "token": token, "expires_at": "in 12 hours",
+                    "user": {"id": "user-demo", "email": DEMO_EMAIL, "role": "admin"},
+                });
+                reply(StatusCode::OK, JSON, success(&data))
+            }
+            Ok(_) => envelope_reply(StatusCode::UNAUTHORIZED, "invalid credentials"),
+        }
     }
-    match serde_json::from_slice::<Login>(body) {
-        Err(_) => envelope_reply(StatusCode::BAD_REQUEST, "invalid request body"),
-        Ok(l) if l.email.trim().eq_ignore_ascii_case(DEMO_EMAIL) && l.password == DEMO_PASSWORD => reply(
-            StatusCode::OK,
-            JSON,
-            br#"{"status":"success","data":{"token":"demo-token","expires_at":"2030-01-01T00:00:00Z","user":{"id":"u-1","email":"demo@get2dial.com","role":"admin"}}}"#.to_vec(),
-        ),
-        Ok(_) => envelope_reply(StatusCode::UNAUTHORIZED, "invalid credentials"),
-    }
+}
+
+/// `{"status":"success","data":...}` with `status` first, as the API writes it.
+fn success(data: &serde_json::Value) -> Vec<u8> {
+    format!(r#"{{"status":"success","data":{data}}}"#).into_bytes()
 }
 
 fn envelope_reply(status: StatusCode, message: &str) -> Response<Vec<u8>> {

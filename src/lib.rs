@@ -6,6 +6,7 @@
 //! task per upstream that asks for it.
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod envelope;
@@ -78,12 +79,17 @@ pub fn build_server(
         pools.push(Arc::new(upstreams::Pool::new(u, balancer)));
     }
 
-    let gateway = proxy::Gateway::new(
-        routes::RouteTable::new(&config.routes),
-        pools,
-        metrics.clone(),
-        config.server.client_body_timeout,
-    );
+    let gateway = proxy::Gateway::new(config, pools, metrics.clone());
+
+    let node_keys: Vec<_> = config
+        .routes
+        .iter()
+        .filter_map(|r| r.node_keys.clone())
+        .collect();
+    if !node_keys.is_empty() {
+        let watcher = auth::node_key::Watcher::new(node_keys, config.server.watch_interval);
+        server.add_service(background_service("node key watcher", watcher));
+    }
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
         gateway,

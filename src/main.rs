@@ -60,10 +60,21 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let stand_in = demo.then(|| config.upstreams[0].servers[0]);
+    let stand_in = match (demo, &config.jwt) {
+        (false, _) => None,
+        (true, Some(jwt)) => Some((config.upstreams[0].servers[0], demo::StandIn::new(jwt))),
+        (true, None) => {
+            eprintln!(
+                "error: {}: demo needs a [jwt] section to sign its tokens",
+                config_path.display()
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let stand_in_addr = stand_in.as_ref().map(|(addr, _)| *addr);
     let server = build_server(&config, |server| {
-        if let Some(addr) = stand_in {
-            let mut svc = Service::new("demo stand-in".to_string(), demo::StandIn);
+        if let Some((addr, app)) = stand_in {
+            let mut svc = Service::new("demo stand-in".to_string(), app);
             svc.add_tcp(&addr.to_string());
             server.add_service(svc);
         }
@@ -76,7 +87,7 @@ fn main() -> ExitCode {
                 routes = config.routes.len(),
                 "get2dial-gateway starting"
             );
-            if let Some(addr) = stand_in {
+            if let Some(addr) = stand_in_addr {
                 print_demo_help(&config, addr);
             }
             server.run_forever()
@@ -129,11 +140,13 @@ fn print_demo_help(config: &Config, stand_in: std::net::SocketAddr) {
          curl -i {gw}/api/v1/demo/html-500        # HTML 500 page -> 500 envelope\n  \
          curl -i {gw}/api/v1/demo/sql-error       # SQL error JSON -> 500 default message\n  \
          curl -i {gw}/api/v1/demo/foreign-json    # {{\"error\":...}} 422 -> envelope keeping the message\n  \
-         curl -i {gw}/api/v1/nope                 # Go mux plain-text 404 -> 404 envelope\n  \
+         curl -i {gw}/api/v1/demo/nope            # Go mux plain-text 404 -> 404 envelope\n  \
          curl -i {gw}/api/v1/demo/slow            # upstream too slow -> 504 envelope\n  \
+         curl -i {gw}/api/v1/auth/me              # no token -> 401 envelope\n  \
          curl -i {gw}/nowhere                     # no route -> 404 envelope\n  \
          curl -i -X DELETE {gw}/api/v1/auth/login # wrong method -> 405 + Allow\n  \
-         curl -i -X POST {gw}/api/v1/auth/login -d '{{\"email\":\"{}\",\"password\":\"{}\"}}'\n",
+         curl -i -X POST {gw}/api/v1/auth/login -d '{{\"email\":\"{}\",\"password\":\"{}\"}}'\n  \
+         curl -i {gw}/api/v1/auth/me -H \"Authorization: Bearer <token from the login>\"\n",
         config.server.admin_listen,
         demo::DEMO_EMAIL,
         demo::DEMO_PASSWORD,

@@ -16,6 +16,8 @@ pub struct Metrics {
     pub upstream_failures: IntCounterVec,
     /// `gateway_errors_rewritten_total{route,status}`: upstream errors that broke the contract.
     pub errors_rewritten: IntCounterVec,
+    /// `gateway_auth_rejections_total{route,reason}`: callers turned away, by reason.
+    pub auth_rejections: IntCounterVec,
 }
 
 impl Metrics {
@@ -54,6 +56,13 @@ impl Metrics {
             ),
             &["route", "status"],
         )?;
+        let auth_rejections = IntCounterVec::new(
+            Opts::new(
+                "gateway_auth_rejections_total",
+                "Requests refused by the token, node-key, network or role checks, by route and reason.",
+            ),
+            &["route", "reason"],
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "gateway_build_info",
@@ -69,6 +78,7 @@ impl Metrics {
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(upstream_failures.clone()))?;
         registry.register(Box::new(errors_rewritten.clone()))?;
+        registry.register(Box::new(auth_rejections.clone()))?;
         registry.register(Box::new(build_info))?;
         Ok(Metrics {
             registry,
@@ -76,6 +86,7 @@ impl Metrics {
             duration,
             upstream_failures,
             errors_rewritten,
+            auth_rejections,
         })
     }
 

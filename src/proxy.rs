@@ -12,6 +12,9 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorSource, ErrorType};
 
+use crate::auth::jwt::Verifier;
+use crate::auth::{self, node_key, Identity, Mode, Rejection, Role};
+use crate::config::{Config, IdentityHeaders};
 use crate::envelope;
 use crate::metrics::{self, Metrics};
 use crate::request_id;
@@ -22,27 +25,26 @@ use crate::upstreams::Pool;
 /// Label used for requests that matched no route.
 const UNMATCHED: &str = "unmatched";
 
-/// The gateway: routes, upstream pools and metrics, shared by every request.
+/// The gateway: routes, upstream pools, token checks and metrics, shared by every request.
 pub struct Gateway {
     routes: RouteTable,
     pools: Vec<Arc<Pool>>,
     metrics: Arc<Metrics>,
     client_body_timeout: Duration,
+    jwt: Option<Verifier>,
+    identity_headers: IdentityHeaders,
 }
 
 impl Gateway {
-    /// Assembles the gateway from its parts.
-    pub fn new(
-        routes: RouteTable,
-        pools: Vec<Arc<Pool>>,
-        metrics: Arc<Metrics>,
-        client_body_timeout: Duration,
-    ) -> Self {
+    /// Assembles the gateway for `config` around its upstream pools.
+    pub fn new(config: &Config, pools: Vec<Arc<Pool>>, metrics: Arc<Metrics>) -> Self {
         Gateway {
-            routes,
+            routes: RouteTable::new(&config.routes),
             pools,
             metrics,
-            client_body_timeout,
+            client_body_timeout: config.server.client_body_timeout,
+            jwt: config.jwt.as_ref().map(Verifier::new),
+            identity_headers: config.identity_headers.clone(),
         }
     }
 
@@ -65,6 +67,8 @@ pub struct Ctx {
     tries: usize,
     /// Request body bytes seen so far.
     body_bytes: u64,
+    /// The verified caller, on token routes.
+    identity: Option<Identity>,
 }
 
 #[async_trait]
@@ -80,10 +84,12 @@ impl ProxyHttp for Gateway {
             empty_error: None,
             tries: 0,
             body_bytes: 0,
+            identity: None,
         }
     }
 
-    /// Request id, route, size cap: everything decided from the request head alone.
+    /// Request id, route, size cap, network gate, authentication, authorization: everything
+    /// decided from the request head alone.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         // 1. Request id: keep a sane one, otherwise make one.
         ctx.request_id = request_id::take_or_make(session.req_header());
@@ -121,6 +127,31 @@ impl ProxyHttp for Gateway {
             session.set_keepalive(None);
             return self.reject(session, ctx, 413, None, &[]).await;
         }
+        // 4. Network gate.
+        if let Some(gate) = &route.gate {
+            if !client_ip(session).is_some_and(|ip| gate.allows(ip)) {
+                return self.refuse(session, ctx, Rejection::Network).await;
+            }
+        }
+
+        // 5. Authenticate.
+        match self.authenticate(session, &route) {
+            Ok(identity) => ctx.identity = identity,
+            Err(rejection) => return self.refuse(session, ctx, rejection).await,
+        }
+
+        // 6. Authorize.
+        if let Some(identity) = &ctx.identity {
+            if route.min_role.is_some_and(|min| identity.role < min) {
+                return self.refuse(session, ctx, Rejection::InsufficientRole).await;
+            }
+            if identity.role != Role::PlatformAdmin
+                && auth::asks_other_tenant(session.req_header().uri.query())
+            {
+                return self.refuse(session, ctx, Rejection::TenantOverride).await;
+            }
+        }
+
         session.set_read_timeout(Some(self.client_body_timeout));
         Ok(false)
     }
@@ -190,12 +221,22 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         upstream_request.insert_header(envelope::REQUEST_ID, &ctx.request_id)?;
-        if let Some(ip) = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip())
-        {
+        if let Some(ip) = client_ip(session) {
             upstream_request.insert_header("x-forwarded-for", ip.to_string())?;
+        }
+        // Identity headers come from the gateway only: whatever the client sent goes, on every
+        // route, before the verified values are set.
+        let names = &self.identity_headers;
+        for name in names.all() {
+            upstream_request.remove_header(name);
+        }
+        if let Some(id) = &ctx.identity {
+            upstream_request.insert_header(names.tenant.clone(), id.tenant.clone())?;
+            upstream_request.insert_header(names.user.clone(), id.user.clone())?;
+            upstream_request.insert_header(names.role.clone(), id.role.as_str())?;
+            if let Some(email) = &id.email {
+                upstream_request.insert_header(names.email.clone(), email.clone())?;
+            }
         }
         upstream_request.insert_header("x-forwarded-proto", "http")?;
         Ok(())
@@ -320,6 +361,68 @@ impl Gateway {
         Ok(true)
     }
 
+    /// Who is calling, as the route's auth mode asks.
+    fn authenticate(
+        &self,
+        session: &Session,
+        route: &Route,
+    ) -> Result<Option<Identity>, Rejection> {
+        let req = session.req_header();
+        match route.auth {
+            Mode::Public => Ok(None),
+            Mode::Jwt => {
+                let token = auth::bearer(&req.headers)?.ok_or(Rejection::Missing)?;
+                self.verify(token).map(Some)
+            }
+            Mode::JwtQuery => match auth::bearer(&req.headers)? {
+                Some(token) => self.verify(token).map(Some),
+                None => {
+                    let token = auth::query_token(req.uri.query())?.ok_or(Rejection::Missing)?;
+                    self.verify(&token).map(Some)
+                }
+            },
+            Mode::NodeKey => {
+                let key = auth::bearer(&req.headers)?.ok_or(Rejection::Missing)?;
+                match &route.node_keys {
+                    Some(keys) => keys.check(key)?,
+                    // Without a digest file the upstream verifies the key; the edge only
+                    // insists on its shape.
+                    None => node_key::well_formed(key)?,
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    fn verify(&self, token: &str) -> Result<Identity, Rejection> {
+        match &self.jwt {
+            Some(v) => v.verify(token),
+            None => {
+                // Config validation requires [jwt] for token routes; refuse rather than pass.
+                tracing::error!("token route without a [jwt] verifier");
+                Err(Rejection::BadSignature)
+            }
+        }
+    }
+
+    /// Answers a refused caller: 401 with `WWW-Authenticate: Bearer`, or 403. The reason goes
+    /// to the metrics and the debug log only.
+    async fn refuse(&self, session: &mut Session, ctx: &Ctx, rejection: Rejection) -> Result<bool> {
+        let route = ctx.route.as_ref().map_or(UNMATCHED, |r| r.name.as_str());
+        self.metrics
+            .auth_rejections
+            .with_label_values(&[route, rejection.label()])
+            .inc();
+        tracing::debug!(route, reason = rejection.label(), request_id = %ctx.request_id, "refused");
+        let status = rejection.status();
+        if status == 401 {
+            let challenge = [(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))];
+            self.reject(session, ctx, status, None, &challenge).await
+        } else {
+            self.reject(session, ctx, status, None, &[]).await
+        }
+    }
+
     fn count_upstream_failure(&self, ctx: &Ctx, kind: &str) {
         let Some(route) = ctx.route.as_ref() else {
             return;
@@ -330,6 +433,14 @@ impl Gateway {
             .with_label_values(&[route.name.as_str(), upstream, kind])
             .inc();
     }
+}
+
+/// The socket peer's address.
+fn client_ip(session: &Session) -> Option<std::net::IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
 }
 
 /// The status a failed request is answered with; 0 when the client is gone.

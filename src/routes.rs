@@ -4,6 +4,9 @@ use std::sync::Arc;
 
 use http::Method;
 
+use crate::auth::network::Gate;
+use crate::auth::node_key::NodeKeys;
+use crate::auth::{Mode, Role};
 use crate::config;
 
 /// A route as the runtime uses it.
@@ -19,6 +22,14 @@ pub struct Route {
     pub upstream: usize,
     /// Largest request body accepted.
     pub max_body_bytes: u64,
+    /// How callers authenticate.
+    pub auth: Mode,
+    /// Lowest role allowed, for token routes.
+    pub min_role: Option<Role>,
+    /// Source networks allowed, when the route is network-gated.
+    pub gate: Option<Gate>,
+    /// Known node keys, when the route checks them itself.
+    pub node_keys: Option<Arc<NodeKeys>>,
 }
 
 impl Route {
@@ -67,6 +78,11 @@ impl RouteTable {
                     methods: r.methods.clone(),
                     upstream: r.upstream,
                     max_body_bytes: r.max_body_bytes,
+                    auth: r.auth,
+                    min_role: r.min_role,
+                    gate: (!r.allow_networks.is_empty())
+                        .then(|| Gate::new(r.allow_networks.clone())),
+                    node_keys: r.node_keys.clone(),
                 })
             })
             .collect();
@@ -152,6 +168,10 @@ mod tests {
             methods: methods.to_vec(),
             upstream: 0,
             max_body_bytes: 10,
+            auth: Mode::Public,
+            min_role: None,
+            allow_networks: Vec::new(),
+            node_keys: None,
         }
     }
 

@@ -13,6 +13,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_get2dial-gateway");
 fn check_config_accepts_the_documented_example() {
     let out = Command::new(BIN)
         .args(["check-config", "config/gateway.toml"])
+        .env("GATEWAY_JWT_SECRET", "cli-test-secret-0123456789")
         .output()
         .unwrap();
     assert!(
@@ -30,7 +31,7 @@ fn check_config_names_the_file_and_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
         (
-            "[[upstreams]]\nname = \"a\"\nservers = [\"127.0.0.1:1\"]\n[[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"b\"\n",
+            "[[upstreams]]\nname = \"a\"\nservers = [\"127.0.0.1:1\"]\n[[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"b\"\nauth = \"public\"\n",
             "routes[0].upstream",
         ),
         (
@@ -42,7 +43,7 @@ fn check_config_names_the_file_and_the_key() {
             "timeout",
         ),
         (
-            "[[upstreams]]\nname = \"a\"\nservers = [\"127.0.0.1:1\"]\nconnect_timeout_ms = 0\n[[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"a\"\n",
+            "[[upstreams]]\nname = \"a\"\nservers = [\"127.0.0.1:1\"]\nconnect_timeout_ms = 0\n[[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"a\"\nauth = \"public\"\n",
             "upstreams[0].connect_timeout_ms",
         ),
     ];
@@ -82,6 +83,7 @@ fn demo_shows_the_contract_in_front_of_the_stand_in() {
         .args(["demo", "--config"])
         .arg(&path)
         .env("RUST_LOG", "error")
+        .env("GATEWAY_JWT_SECRET", "cli-test-secret-0123456789")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -99,13 +101,28 @@ fn demo_shows_the_contract_in_front_of_the_stand_in() {
     try_request(addr, &get("/api/v1/demo/foreign-json"))
         .unwrap()
         .assert_envelope(422, "phone number must be E.164");
-    try_request(addr, &get("/api/v1/nope"))
+    try_request(addr, &get("/api/v1/demo/nope"))
         .unwrap()
         .assert_envelope(404, "not found");
     let login = b"POST /api/v1/auth/login HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 56\r\n\r\n{\"email\":\"demo@get2dial.com\",\"password\":\"demo-password\"}";
     let r = try_request(addr, login).unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.text().starts_with(r#"{"status":"success""#));
+    // The stand-in's token passes the gateway's checks and the identity reaches the upstream.
+    let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let token = body["data"]["token"].as_str().unwrap();
+    let me =
+        format!("GET /api/v1/auth/me HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n\r\n");
+    let r = try_request(addr, me.as_bytes()).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.text().contains(r#""tenant_id":"tenant-demo""#),
+        "{}",
+        r.text()
+    );
+    try_request(addr, &get("/api/v1/auth/me"))
+        .unwrap()
+        .assert_envelope(401, "missing or invalid authorization header");
     let _ = child.kill();
     let _ = child.wait();
 }

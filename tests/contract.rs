@@ -37,6 +37,7 @@ health_check_interval_ms = 100
 name = "app"
 path_prefix = "/u/"
 upstream = "app"
+auth = "public"
 max_body_bytes = 1024
 
 [[routes]]
@@ -44,16 +45,19 @@ name = "only-get"
 path_prefix = "/only-get"
 methods = ["GET"]
 upstream = "app"
+auth = "public"
 
 [[routes]]
 name = "dead"
 path_prefix = "/dead"
 upstream = "dead"
+auth = "public"
 
 [[routes]]
 name = "down"
 path_prefix = "/down"
 upstream = "down"
+auth = "public"
 "#,
         up = up.addr,
         dead = closed_port(),
@@ -356,6 +360,7 @@ connect_timeout_ms = 300
 name = "full"
 path_prefix = "/"
 upstream = "full"
+auth = "public"
 "#
     ));
     gw.get("/x").assert_envelope(504, "upstream timeout");

@@ -1,0 +1,243 @@
+//! Token checks at the edge: who is calling (JWT, WebSocket `?token=`, edge-node keys), from
+//! where (network gates), and whether their role allows the route.
+//!
+//! Every failure has a [`Rejection`] whose label goes to metrics and logs only; the client always
+//! gets the same generic answer.
+
+pub mod jwt;
+pub mod network;
+pub mod node_key;
+
+use std::borrow::Cow;
+
+use http::header::{self, HeaderValue};
+use http::HeaderMap;
+use serde::Deserialize;
+
+/// How a route authenticates its callers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Anyone.
+    Public,
+    /// `Authorization: Bearer <jwt>`.
+    Jwt,
+    /// `?token=<jwt>` (WebSocket upgrades cannot set headers), or the bearer header.
+    JwtQuery,
+    /// `Authorization: Bearer <edge-node key>`.
+    NodeKey,
+}
+
+impl Mode {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Public => "public",
+            Mode::Jwt => "jwt",
+            Mode::JwtQuery => "jwt_query",
+            Mode::NodeKey => "node_key",
+        }
+    }
+}
+
+/// User roles, least to most privileged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Handles calls.
+    Agent,
+    /// Watches agents.
+    Supervisor,
+    /// Administers a tenant.
+    Admin,
+    /// Operates the platform; may act on other tenants.
+    PlatformAdmin,
+}
+
+impl Role {
+    /// The name used in tokens and headers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Agent => "agent",
+            Role::Supervisor => "supervisor",
+            Role::Admin => "admin",
+            Role::PlatformAdmin => "platform_admin",
+        }
+    }
+}
+
+/// A verified caller, ready to be told to the upstream.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// Tenant id (`tid`).
+    pub tenant: HeaderValue,
+    /// User id (`sub`).
+    pub user: HeaderValue,
+    /// Role.
+    pub role: Role,
+    /// Email, when the token carries one that fits in a header.
+    pub email: Option<HeaderValue>,
+}
+
+/// Why a caller was turned away. The label is for metrics and logs, never for the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// No credentials at all.
+    Missing,
+    /// Credentials present but not `Bearer <token>`, or sent twice.
+    Malformed,
+    /// Longer than the configured cap.
+    TooLong,
+    /// Header names an algorithm other than HS256 (including `none`).
+    BadAlgorithm,
+    /// Signature does not verify with any active secret.
+    BadSignature,
+    /// `exp` passed (beyond the leeway).
+    Expired,
+    /// `nbf` not reached yet (beyond the leeway).
+    NotYetValid,
+    /// `iss` is not the configured issuer.
+    WrongIssuer,
+    /// `aud` is not the configured audience.
+    WrongAudience,
+    /// A required claim is missing or unusable (`exp`, `tid`, `sub`, `role`).
+    BadClaims,
+    /// The node key is not among the known digests.
+    UnknownKey,
+    /// The source address is outside the route's networks (403).
+    Network,
+    /// The role is below the route's minimum (403).
+    InsufficientRole,
+    /// `?tenant_id=` from someone who is not a platform admin (403).
+    TenantOverride,
+}
+
+impl Rejection {
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Rejection::Missing => "missing",
+            Rejection::Malformed => "malformed",
+            Rejection::TooLong => "too_long",
+            Rejection::BadAlgorithm => "bad_algorithm",
+            Rejection::BadSignature => "bad_signature",
+            Rejection::Expired => "expired",
+            Rejection::NotYetValid => "not_yet_valid",
+            Rejection::WrongIssuer => "wrong_issuer",
+            Rejection::WrongAudience => "wrong_audience",
+            Rejection::BadClaims => "bad_claims",
+            Rejection::UnknownKey => "unknown_key",
+            Rejection::Network => "network",
+            Rejection::InsufficientRole => "insufficient_role",
+            Rejection::TenantOverride => "tenant_override",
+        }
+    }
+
+    /// The status the client gets: 401 for credentials, 403 for permissions.
+    pub fn status(self) -> u16 {
+        match self {
+            Rejection::Network | Rejection::InsufficientRole | Rejection::TenantOverride => 403,
+            _ => 401,
+        }
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive).
+/// `Ok(None)` when there is no Authorization header.
+pub fn bearer(headers: &HeaderMap) -> Result<Option<&str>, Rejection> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(Rejection::Malformed);
+    }
+    let value = value.to_str().map_err(|_| Rejection::Malformed)?;
+    let (scheme, token) = value.split_once(' ').ok_or(Rejection::Malformed)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(Rejection::Malformed);
+    }
+    let token = token.trim_matches(|c| c == ' ' || c == '\t');
+    if token.is_empty() || token.contains([' ', '\t']) {
+        return Err(Rejection::Malformed);
+    }
+    Ok(Some(token))
+}
+
+/// The `token` query parameter, percent-decoded. `Ok(None)` when absent; a repeated parameter
+/// is malformed (the gateway and the upstream might pick different ones).
+pub fn query_token(query: Option<&str>) -> Result<Option<Cow<'_, str>>, Rejection> {
+    let mut found = None;
+    for (k, v) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        if k == "token" {
+            if found.is_some() {
+                return Err(Rejection::Malformed);
+            }
+            found = Some(v);
+        }
+    }
+    match found {
+        Some(t) if t.is_empty() => Err(Rejection::Malformed),
+        other => Ok(other),
+    }
+}
+
+/// True when the query asks to act on another tenant (`tenant_id`, in any encoding).
+pub fn asks_other_tenant(query: Option<&str>) -> bool {
+    query.is_some_and(|q| form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == "tenant_id"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(header::AUTHORIZATION, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn bearer_parsing() {
+        assert_eq!(bearer(&headers(&[])), Ok(None));
+        assert_eq!(bearer(&headers(&["Bearer abc"])), Ok(Some("abc")));
+        assert_eq!(bearer(&headers(&["bEaReR   abc  "])), Ok(Some("abc")));
+        assert_eq!(bearer(&headers(&["Basic abc"])), Err(Rejection::Malformed));
+        assert_eq!(bearer(&headers(&["Bearer"])), Err(Rejection::Malformed));
+        assert_eq!(bearer(&headers(&["Bearer "])), Err(Rejection::Malformed));
+        assert_eq!(bearer(&headers(&["Bearer a b"])), Err(Rejection::Malformed));
+        assert_eq!(
+            bearer(&headers(&["Bearer a", "Bearer b"])),
+            Err(Rejection::Malformed)
+        );
+    }
+
+    #[test]
+    fn query_parsing() {
+        assert_eq!(query_token(None), Ok(None));
+        assert_eq!(query_token(Some("a=1")), Ok(None));
+        assert_eq!(
+            query_token(Some("a=1&token=x.y.z")).unwrap().unwrap(),
+            "x.y.z"
+        );
+        assert_eq!(query_token(Some("token=x%2Ey")).unwrap().unwrap(), "x.y");
+        assert_eq!(query_token(Some("token=")), Err(Rejection::Malformed));
+        assert_eq!(
+            query_token(Some("token=a&token=b")),
+            Err(Rejection::Malformed)
+        );
+        assert!(asks_other_tenant(Some("x=1&tenant_id=abc")));
+        assert!(asks_other_tenant(Some("tenant%5Fid=abc")));
+        assert!(!asks_other_tenant(Some("tenant=abc")));
+        assert!(!asks_other_tenant(None));
+    }
+
+    #[test]
+    fn roles_are_ordered() {
+        assert!(Role::Agent < Role::Supervisor);
+        assert!(Role::Supervisor < Role::Admin);
+        assert!(Role::Admin < Role::PlatformAdmin);
+    }
+}
