@@ -88,5 +88,40 @@ fn normalise(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, routes, normalise);
+fn jwt(c: &mut Criterion) {
+    use get2dial_gateway::auth::jwt::{Settings, Verifier};
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let secret = b"bench-secret-0123456789abcdef".to_vec();
+    let settings = Settings {
+        secrets: vec![secret.clone()],
+        issuer: "get2dial".into(),
+        audience: "get2dial-control".into(),
+        leeway_seconds: 30,
+        max_token_bytes: 4096,
+    };
+    let claims = serde_json::json!({"tid":"5b0c3e1e-6a7f-4c1d-9a0e-3f1b2c4d5e6f",
+        "sub":"9d8c7b6a-5f4e-3d2c-1b0a-998877665544","email":"agent@example.com","role":"agent",
+        "iss":"get2dial","aud":"get2dial-control","exp": 4102444800u64});
+    let token = encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(&secret),
+    )
+    .unwrap();
+    let one = Verifier::new(&settings);
+    let mut rotated = settings.clone();
+    rotated
+        .secrets
+        .insert(0, b"newer-secret-0123456789abcdef".to_vec());
+    let two = Verifier::new(&rotated);
+    let mut g = c.benchmark_group("jwt_verify");
+    g.bench_function("hs256_valid", |b| b.iter(|| one.verify(black_box(&token))));
+    g.bench_function("hs256_valid_second_of_two_secrets", |b| {
+        b.iter(|| two.verify(black_box(&token)))
+    });
+    g.bench_function("garbage", |b| b.iter(|| one.verify(black_box("not.a.jwt"))));
+    g.finish();
+}
+
+criterion_group!(benches, routes, normalise, jwt);
 criterion_main!(benches);

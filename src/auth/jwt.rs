@@ -91,6 +91,14 @@ impl Verifier {
                 Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => {
                     last = Rejection::BadSignature;
                 }
+                Err(e) if matches!(e.kind(), ErrorKind::Json(_)) => {
+                    // Failure path only: was it the header (an algorithm such as `none` that
+                    // does not even parse) or the claims?
+                    return Err(match jsonwebtoken::decode_header(token) {
+                        Err(_) => Rejection::BadAlgorithm,
+                        Ok(_) => Rejection::BadClaims,
+                    });
+                }
                 Err(e) => return Err(rejection(e.kind())),
             }
         }
@@ -128,9 +136,6 @@ fn rejection(kind: &ErrorKind) -> Rejection {
         ErrorKind::MissingRequiredClaim(_) | ErrorKind::InvalidClaimFormat(_) => {
             Rejection::BadClaims
         }
-        // Claims that do not deserialise (missing tid/sub, unknown role) versus a token that is
-        // not JSON at all are told apart by where the JSON error happened; both are 401 anyway.
-        ErrorKind::Json(_) => Rejection::BadClaims,
         _ => Rejection::Malformed,
     }
 }

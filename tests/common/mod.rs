@@ -34,18 +34,28 @@ pub struct Gateway {
 impl Gateway {
     /// Starts the gateway binary with `[server]` filled in and `rest` (upstreams, routes) appended.
     pub fn start(rest: &str) -> Gateway {
+        Gateway::start_with(rest, &[], &[])
+    }
+
+    /// Like [`Gateway::start`], with environment variables and files written next to the config.
+    pub fn start_with(rest: &str, env: &[(&str, &str)], files: &[(&str, &str)]) -> Gateway {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let text = format!(
             "[server]\nlisten = \"{addr}\"\nadmin_listen = \"{admin}\"\nthreads = 2\n\
-             shutdown_grace_seconds = 0\nclient_body_timeout_ms = 400\n\n{rest}"
+             shutdown_grace_seconds = 0\nclient_body_timeout_ms = 400\n\
+             watch_interval_ms = 100\n\n{rest}"
         );
         let dir = tempfile::tempdir().unwrap();
+        for (name, contents) in files {
+            std::fs::write(dir.path().join(name), contents).unwrap();
+        }
         let path = dir.path().join("gateway.toml");
         std::fs::write(&path, text).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_get2dial-gateway"))
             .args(["run", "--config"])
             .arg(&path)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "error")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -94,6 +104,11 @@ impl Gateway {
         let r = request(self.admin, &get("/metrics"));
         assert_eq!(r.status, 200);
         String::from_utf8(r.body).unwrap()
+    }
+
+    /// The config directory (files written next to the config live here).
+    pub fn dir(&self) -> &std::path::Path {
+        self._dir.path()
     }
 
     /// True while the process runs.

@@ -190,7 +190,7 @@ fn respond(req: &Req, w: &mut TcpStream) -> bool {
         "/not-modified" => w
             .write_all(b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\n\r\n")
             .is_ok(),
-        "/echo" => {
+        p if p == "/echo" || p.starts_with("/api/") => {
             let mut body = req.head.clone().into_bytes();
             body.extend_from_slice(&req.body);
             simple(w, "200 OK", &[("Content-Type", "text/plain")], &body)
@@ -293,7 +293,7 @@ fn respond(req: &Req, w: &mut TcpStream) -> bool {
             }
             false
         }
-        "/ws" => {
+        p if p == "/ws" || p.starts_with("/ws/") => {
             let key_hdr = req
                 .head
                 .lines()
