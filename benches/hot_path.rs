@@ -20,30 +20,35 @@ fn route(name: &str, prefix: &str, methods: &[Method]) -> Route {
         min_role: None,
         allow_networks: Vec::new(),
         node_keys: None,
+        rate_limits: Vec::new(),
+        login_guard: false,
     }
 }
 
 /// A route table shaped like the Get2Dial API's.
 fn table() -> RouteTable {
-    RouteTable::new(&[
-        route("login", "/api/v1/auth/login", &[Method::POST]),
-        route("me", "/api/v1/auth/me", &[Method::GET]),
-        route("node-register", "/api/v1/nodes/register", &[Method::POST]),
-        route("node-heartbeat", "/api/v1/nodes/heartbeat", &[Method::POST]),
-        route("nodes", "/api/v1/nodes/", &[]),
-        route("edge-health", "/api/v1/edge/health", &[Method::GET]),
-        route(
-            "desired-state",
-            "/api/v1/edge/desired-state",
-            &[Method::GET],
-        ),
-        route("recordings", "/api/v1/recordings/", &[Method::GET]),
-        route("api", "/api/v1/", &[]),
-        route("ws-supervisor", "/ws/supervisor", &[Method::GET]),
-        route("ws-agent", "/ws/agent", &[Method::GET]),
-        route("healthz", "/healthz", &[Method::GET]),
-        route("readyz", "/readyz", &[Method::GET]),
-    ])
+    RouteTable::new(
+        &[
+            route("login", "/api/v1/auth/login", &[Method::POST]),
+            route("me", "/api/v1/auth/me", &[Method::GET]),
+            route("node-register", "/api/v1/nodes/register", &[Method::POST]),
+            route("node-heartbeat", "/api/v1/nodes/heartbeat", &[Method::POST]),
+            route("nodes", "/api/v1/nodes/", &[]),
+            route("edge-health", "/api/v1/edge/health", &[Method::GET]),
+            route(
+                "desired-state",
+                "/api/v1/edge/desired-state",
+                &[Method::GET],
+            ),
+            route("recordings", "/api/v1/recordings/", &[Method::GET]),
+            route("api", "/api/v1/", &[]),
+            route("ws-supervisor", "/ws/supervisor", &[Method::GET]),
+            route("ws-agent", "/ws/agent", &[Method::GET]),
+            route("healthz", "/healthz", &[Method::GET]),
+            route("readyz", "/readyz", &[Method::GET]),
+        ],
+        |_| unreachable!("no login routes"),
+    )
 }
 
 fn routes(c: &mut Criterion) {

@@ -20,6 +20,8 @@ use serde::Deserialize;
 use crate::auth::jwt;
 use crate::auth::node_key::NodeKeys;
 use crate::auth::{Mode, Role};
+use crate::limits::ratelimit::{KeyKind, Policy};
+use crate::store::Limit;
 
 /// A configuration problem, naming the file and the key that is wrong.
 #[derive(Debug)]
@@ -67,6 +69,95 @@ pub struct FileConfig {
     /// `[identity_headers]`: names of the headers that carry the verified identity upstream.
     #[serde(default)]
     pub identity_headers: FileIdentityHeaders,
+    /// `[lockout]`: the login lockout.
+    #[serde(default)]
+    pub lockout: FileLockout,
+    /// `[limits]`: settings shared by every rate limit.
+    #[serde(default)]
+    pub limits: FileLimits,
+}
+
+/// `[lockout]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileLockout {
+    /// Failed logins that lock an account.
+    #[serde(default = "default_max_failures")]
+    pub max_failures: u32,
+    /// How long a lock lasts; failures are also forgotten this long after the last one.
+    #[serde(default = "default_lock_seconds")]
+    pub lock_seconds: u64,
+    /// Most accounts tracked at once.
+    #[serde(default = "default_max_entries")]
+    pub max_entries: usize,
+}
+
+impl Default for FileLockout {
+    fn default() -> Self {
+        FileLockout {
+            max_failures: default_max_failures(),
+            lock_seconds: default_lock_seconds(),
+            max_entries: default_max_entries(),
+        }
+    }
+}
+
+fn default_max_failures() -> u32 {
+    10
+}
+fn default_lock_seconds() -> u64 {
+    900
+}
+fn default_max_entries() -> usize {
+    100_000
+}
+
+/// `[limits]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileLimits {
+    /// Also send `RateLimit` / `RateLimit-Policy` on allowed responses.
+    #[serde(default)]
+    pub headers_on_success: bool,
+    /// How often idle rate-limit keys and expired lockout entries are dropped.
+    #[serde(default = "default_sweep")]
+    pub sweep_interval_ms: u64,
+}
+
+impl Default for FileLimits {
+    fn default() -> Self {
+        FileLimits {
+            headers_on_success: false,
+            sweep_interval_ms: default_sweep(),
+        }
+    }
+}
+
+fn default_sweep() -> u64 {
+    10_000
+}
+
+/// One rate-limit policy as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRateLimit {
+    /// Name in metrics and headers; defaults to `<route>-<key>`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `ip`, `user` or `tenant`.
+    pub key: KeyKind,
+    /// Requests per second.
+    #[serde(default)]
+    pub per_second: Option<u32>,
+    /// Requests per minute.
+    #[serde(default)]
+    pub per_minute: Option<u32>,
+    /// Requests per hour.
+    #[serde(default)]
+    pub per_hour: Option<u32>,
+    /// Most requests at once; defaults to the rate's count.
+    #[serde(default)]
+    pub burst: Option<u32>,
 }
 
 /// `[jwt]` as written.
@@ -166,6 +257,9 @@ pub struct FileServer {
     /// How often watched files (node key digests) are checked for changes.
     #[serde(default = "default_watch_interval")]
     pub watch_interval_ms: u64,
+    /// Proxies (CIDRs or addresses) whose `X-Forwarded-For` is believed.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for FileServer {
@@ -177,6 +271,7 @@ impl Default for FileServer {
             shutdown_grace_seconds: default_grace(),
             client_body_timeout_ms: default_client_body_timeout(),
             watch_interval_ms: default_watch_interval(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -264,7 +359,19 @@ pub struct FileRoute {
     /// File of SHA-256 digests of valid node keys (`node_key` routes).
     #[serde(default)]
     pub node_key_digests_file: Option<PathBuf>,
+    /// One rate-limit policy.
+    #[serde(default)]
+    pub rate_limit: Option<FileRateLimit>,
+    /// Several rate-limit policies, all of which must allow a request.
+    #[serde(default)]
+    pub rate_limits: Vec<FileRateLimit>,
+    /// Read and check the login body and enforce the lockout.
+    #[serde(default)]
+    pub login_guard: bool,
 }
+
+/// Largest login body the guard reads: Pingora's retry buffer (64 KiB) replays it upstream.
+pub const LOGIN_BODY_CAP: u64 = 65_536;
 
 /// The Get2Dial API caps request bodies at 1 MB.
 fn default_max_body() -> u64 {
@@ -290,6 +397,30 @@ pub struct Config {
     pub jwt: Option<jwt::Settings>,
     /// Header names for the verified identity.
     pub identity_headers: IdentityHeaders,
+    /// Lockout parameters shared by every login route.
+    pub lockout: Lockout,
+    /// Settings shared by every rate limit.
+    pub limits: Limits,
+}
+
+/// Validated `[lockout]`.
+#[derive(Debug, Clone)]
+pub struct Lockout {
+    /// Failed logins that lock an account.
+    pub max_failures: u32,
+    /// Lock period.
+    pub lock: Duration,
+    /// Most accounts tracked at once.
+    pub max_entries: usize,
+}
+
+/// Validated `[limits]`.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Send rate-limit headers on allowed responses too.
+    pub headers_on_success: bool,
+    /// Sweep interval for idle keys.
+    pub sweep_interval: Duration,
 }
 
 /// Validated `[identity_headers]`.
@@ -327,6 +458,8 @@ pub struct Server {
     pub client_body_timeout: Duration,
     /// How often watched files are checked for changes.
     pub watch_interval: Duration,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 /// Validated `[[upstreams]]` entry.
@@ -369,6 +502,10 @@ pub struct Route {
     pub allow_networks: Vec<IpNet>,
     /// Known node keys, for `node_key` routes that configure a digest file.
     pub node_keys: Option<Arc<NodeKeys>>,
+    /// Rate-limit policies, all of which must allow a request.
+    pub rate_limits: Vec<Policy>,
+    /// Whether the login guard runs on this route.
+    pub login_guard: bool,
 }
 
 impl std::fmt::Debug for NodeKeys {
@@ -463,6 +600,12 @@ impl Validator<'_> {
             client_body_timeout: self
                 .millis("server.client_body_timeout_ms", s.client_body_timeout_ms)?,
             watch_interval: self.millis("server.watch_interval_ms", s.watch_interval_ms)?,
+            trusted_proxies: s
+                .trusted_proxies
+                .iter()
+                .enumerate()
+                .map(|(i, n)| self.network(&format!("server.trusted_proxies[{i}]"), n))
+                .collect::<Result<Vec<_>, _>>()?,
         };
         if server.listen == server.admin_listen {
             return Err(self.err(
@@ -510,6 +653,7 @@ impl Validator<'_> {
         }
         let mut routes = Vec::with_capacity(file.routes.len());
         let mut seen = HashSet::new();
+        let mut next_limit_id = 0;
         for (i, r) in file.routes.iter().enumerate() {
             let key = |k: &str| format!("routes[{i}].{k}");
             self.name(&key("name"), &r.name)?;
@@ -583,6 +727,43 @@ impl Validator<'_> {
                 .enumerate()
                 .map(|(j, n)| self.network(&format!("routes[{i}].allow_networks[{j}]"), n))
                 .collect::<Result<Vec<_>, _>>()?;
+            let mut rate_limits = Vec::new();
+            let policies = r.rate_limit.iter().map(|p| (key("rate_limit"), p)).chain(
+                r.rate_limits
+                    .iter()
+                    .enumerate()
+                    .map(|(j, p)| (format!("routes[{i}].rate_limits[{j}]"), p)),
+            );
+            for (pkey, p) in policies {
+                let policy = self.policy(&pkey, p, &r.name, r.auth, next_limit_id)?;
+                if rate_limits
+                    .iter()
+                    .any(|q: &Policy| q.limit.name == policy.limit.name)
+                {
+                    return Err(self.err(
+                        format!("{pkey}.name"),
+                        format!(
+                            "duplicate policy name `{}` on this route",
+                            policy.limit.name
+                        ),
+                    ));
+                }
+                next_limit_id += 1;
+                rate_limits.push(policy);
+            }
+            if r.login_guard {
+                if !(methods.is_empty() || methods.contains(&Method::POST)) {
+                    return Err(self.err(key("login_guard"), "the route must allow POST"));
+                }
+                if r.max_body_bytes > LOGIN_BODY_CAP {
+                    return Err(self.err(
+                        key("max_body_bytes"),
+                        format!(
+                            "login_guard reads the body at the edge: keep it at most {LOGIN_BODY_CAP}"
+                        ),
+                    ));
+                }
+            }
             routes.push(Route {
                 name: r.name.clone(),
                 path_prefix: r.path_prefix.clone(),
@@ -593,6 +774,8 @@ impl Validator<'_> {
                 min_role: r.min_role,
                 allow_networks,
                 node_keys,
+                rate_limits,
+                login_guard: r.login_guard,
             });
         }
 
@@ -625,6 +808,27 @@ impl Validator<'_> {
             return Err(self.err("identity_headers", "the four header names must differ"));
         }
 
+        let l = &file.lockout;
+        if l.max_failures == 0 || l.max_failures > 1000 {
+            return Err(self.err("lockout.max_failures", "must be between 1 and 1000"));
+        }
+        if l.lock_seconds == 0 {
+            return Err(self.err("lockout.lock_seconds", "must be greater than 0"));
+        }
+        if l.max_entries == 0 {
+            return Err(self.err("lockout.max_entries", "must be greater than 0"));
+        }
+        let lockout = Lockout {
+            max_failures: l.max_failures,
+            lock: Duration::from_secs(l.lock_seconds),
+            max_entries: l.max_entries,
+        };
+        let limits = Limits {
+            headers_on_success: file.limits.headers_on_success,
+            sweep_interval: self
+                .millis("limits.sweep_interval_ms", file.limits.sweep_interval_ms)?,
+        };
+
         Ok(Config {
             path: self.path.to_owned(),
             server,
@@ -632,6 +836,59 @@ impl Validator<'_> {
             routes,
             jwt,
             identity_headers,
+            lockout,
+            limits,
+        })
+    }
+
+    fn policy(
+        &self,
+        key: &str,
+        p: &FileRateLimit,
+        route: &str,
+        auth: Mode,
+        id: usize,
+    ) -> Result<Policy, ConfigError> {
+        let rates = [
+            (p.per_second, Duration::from_secs(1)),
+            (p.per_minute, Duration::from_secs(60)),
+            (p.per_hour, Duration::from_secs(3600)),
+        ];
+        let mut given = rates.iter().filter_map(|(n, d)| n.map(|n| (n, *d)));
+        let (Some((count, period)), None) = (given.next(), given.next()) else {
+            return Err(self.err(key, "give exactly one of per_second, per_minute, per_hour"));
+        };
+        if count == 0 {
+            return Err(self.err(key, "the rate must be at least 1"));
+        }
+        let burst = p.burst.unwrap_or(count);
+        if burst == 0 {
+            return Err(self.err(format!("{key}.burst"), "must be at least 1"));
+        }
+        if matches!(p.key, KeyKind::User | KeyKind::Tenant)
+            && !matches!(auth, Mode::Jwt | Mode::JwtQuery)
+        {
+            return Err(self.err(
+                format!("{key}.key"),
+                format!(
+                    "`{}` needs a verified caller (auth = \"jwt\" or \"jwt_query\"); this route can only key by ip",
+                    p.key.as_str()
+                ),
+            ));
+        }
+        let name = p
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("{route}-{}", p.key.as_str()));
+        self.name(&format!("{key}.name"), &name)?;
+        Ok(Policy {
+            key: p.key,
+            limit: Limit {
+                id,
+                name,
+                interval: period / count,
+                burst,
+            },
         })
     }
 
@@ -829,6 +1086,31 @@ mod tests {
         assert_eq!(c.routes[0].allow_networks[0].to_string(), "127.0.0.1/32");
         let e = parse(&MINIMAL.replace("auth = \"public\"", "")).unwrap_err();
         assert!(e.message.contains("auth"), "{e}");
+    }
+
+    #[test]
+    fn rate_limits_are_checked() {
+        let with = |extra: &str| {
+            parse(&MINIMAL.replace("auth = \"public\"", &format!("auth = \"public\"\n{extra}")))
+        };
+        let c = with("rate_limit = { key = \"ip\", per_minute = 1, burst = 5 }").unwrap();
+        let p = &c.routes[0].rate_limits[0];
+        assert_eq!(
+            (p.limit.name.as_str(), p.limit.burst, p.limit.interval),
+            ("api-ip", 5, Duration::from_secs(60))
+        );
+        let e = with("rate_limit = { key = \"user\", per_second = 5 }").unwrap_err();
+        assert_eq!(e.key, "routes[0].rate_limit.key");
+        let e =
+            with("rate_limits = [{ key = \"ip\", per_second = 5, per_minute = 5 }]").unwrap_err();
+        assert_eq!(e.key, "routes[0].rate_limits[0]");
+        let e = with(
+            "rate_limits = [{ key = \"ip\", per_second = 5 }, { key = \"ip\", per_minute = 5 }]",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "routes[0].rate_limits[1].name");
+        let e = with("login_guard = true\nmax_body_bytes = 100000").unwrap_err();
+        assert_eq!(e.key, "routes[0].max_body_bytes");
     }
 
     #[test]

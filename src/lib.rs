@@ -7,14 +7,17 @@
 
 pub mod admin;
 pub mod auth;
+pub mod client_ip;
 pub mod config;
 pub mod demo;
 pub mod envelope;
+pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod request_id;
 pub mod rewrite;
 pub mod routes;
+pub mod store;
 pub mod upstreams;
 
 use std::sync::Arc;
@@ -79,7 +82,17 @@ pub fn build_server(
         pools.push(Arc::new(upstreams::Pool::new(u, balancer)));
     }
 
-    let gateway = proxy::Gateway::new(config, pools, metrics.clone());
+    let limits: Vec<store::Limit> = config
+        .routes
+        .iter()
+        .flat_map(|r| r.rate_limits.iter().map(|p| p.limit.clone()))
+        .collect();
+    let memory = Arc::new(store::memory::MemoryStore::new(&limits));
+    server.add_service(background_service(
+        "limit sweeper",
+        store::memory::Sweeper::new(memory.clone(), config.limits.sweep_interval),
+    ));
+    let gateway = proxy::Gateway::new(config, pools, metrics.clone(), memory);
 
     let node_keys: Vec<_> = config
         .routes

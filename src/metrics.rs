@@ -2,7 +2,8 @@
 //! never raw paths, users or addresses, so the series count stays bounded.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Every metric the gateway exports, registered in its own registry.
@@ -18,6 +19,12 @@ pub struct Metrics {
     pub errors_rewritten: IntCounterVec,
     /// `gateway_auth_rejections_total{route,reason}`: callers turned away, by reason.
     pub auth_rejections: IntCounterVec,
+    /// `gateway_rate_limited_total{route,policy}`: requests refused by a rate limit.
+    pub rate_limited: IntCounterVec,
+    /// `gateway_login_attempts_total{outcome}`: login attempts by how they ended.
+    pub login_attempts: IntCounterVec,
+    /// `gateway_lockouts_total`: accounts locked.
+    pub lockouts: IntCounter,
 }
 
 impl Metrics {
@@ -63,6 +70,24 @@ impl Metrics {
             ),
             &["route", "reason"],
         )?;
+        let rate_limited = IntCounterVec::new(
+            Opts::new(
+                "gateway_rate_limited_total",
+                "Requests refused with 429 by a rate-limit policy, by route and policy.",
+            ),
+            &["route", "policy"],
+        )?;
+        let login_attempts = IntCounterVec::new(
+            Opts::new(
+                "gateway_login_attempts_total",
+                "Login attempts by outcome: success, failure, locked, invalid_body, throttled, error.",
+            ),
+            &["outcome"],
+        )?;
+        let lockouts = IntCounter::new(
+            "gateway_lockouts_total",
+            "Accounts locked after too many failed logins.",
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "gateway_build_info",
@@ -79,6 +104,9 @@ impl Metrics {
         registry.register(Box::new(upstream_failures.clone()))?;
         registry.register(Box::new(errors_rewritten.clone()))?;
         registry.register(Box::new(auth_rejections.clone()))?;
+        registry.register(Box::new(rate_limited.clone()))?;
+        registry.register(Box::new(login_attempts.clone()))?;
+        registry.register(Box::new(lockouts.clone()))?;
         registry.register(Box::new(build_info))?;
         Ok(Metrics {
             registry,
@@ -87,6 +115,9 @@ impl Metrics {
             upstream_failures,
             errors_rewritten,
             auth_rejections,
+            rate_limited,
+            login_attempts,
+            lockouts,
         })
     }
 

@@ -14,12 +14,16 @@ use pingora::{ErrorSource, ErrorType};
 
 use crate::auth::jwt::Verifier;
 use crate::auth::{self, node_key, Identity, Mode, Rejection, Role};
-use crate::config::{Config, IdentityHeaders};
+use crate::client_ip::TrustedProxies;
+use crate::config::{Config, IdentityHeaders, LOGIN_BODY_CAP};
 use crate::envelope;
+use crate::limits::lockout;
+use crate::limits::ratelimit::{self, KeyKind};
 use crate::metrics::{self, Metrics};
 use crate::request_id;
 use crate::rewrite::{self, Plan, Rewrite};
 use crate::routes::{Match, Route, RouteTable};
+use crate::store::{Reservation, Settlement, Store, Ticket};
 use crate::upstreams::Pool;
 
 /// Label used for requests that matched no route.
@@ -33,18 +37,45 @@ pub struct Gateway {
     client_body_timeout: Duration,
     jwt: Option<Verifier>,
     identity_headers: IdentityHeaders,
+    store: Arc<dyn Store>,
+    trusted_proxies: TrustedProxies,
+    rate_headers_on_success: bool,
 }
 
 impl Gateway {
-    /// Assembles the gateway for `config` around its upstream pools.
-    pub fn new(config: &Config, pools: Vec<Arc<Pool>>, metrics: Arc<Metrics>) -> Self {
+    /// Assembles the gateway for `config` around its upstream pools and counter store.
+    pub fn new(
+        config: &Config,
+        pools: Vec<Arc<Pool>>,
+        metrics: Arc<Metrics>,
+        store: Arc<dyn Store>,
+    ) -> Self {
+        let lockout = &config.lockout;
+        let routes = RouteTable::new(&config.routes, |r| {
+            // A reserved guess is given back by itself once its request cannot be running any
+            // more: every upstream timeout of one attempt, plus margin.
+            let u = &config.upstreams[r.upstream];
+            crate::store::LockoutPolicy {
+                max_failures: lockout.max_failures,
+                lock: lockout.lock,
+                reservation_ttl: u.connect_timeout
+                    + u.write_timeout
+                    + u.read_timeout
+                    + config.server.client_body_timeout
+                    + Duration::from_secs(5),
+                max_entries: lockout.max_entries,
+            }
+        });
         Gateway {
-            routes: RouteTable::new(&config.routes),
+            routes,
             pools,
             metrics,
             client_body_timeout: config.server.client_body_timeout,
             jwt: config.jwt.as_ref().map(Verifier::new),
             identity_headers: config.identity_headers.clone(),
+            store,
+            trusted_proxies: TrustedProxies::new(config.server.trusted_proxies.clone()),
+            rate_headers_on_success: config.limits.headers_on_success,
         }
     }
 
@@ -69,6 +100,14 @@ pub struct Ctx {
     body_bytes: u64,
     /// The verified caller, on token routes.
     identity: Option<Identity>,
+    /// The client's address (the socket peer, or from a trusted proxy's X-Forwarded-For).
+    client_ip: Option<std::net::IpAddr>,
+    /// Rate-limit headers for the answer, when configured on allowed responses.
+    rate_headers: Vec<(HeaderName, HeaderValue)>,
+    /// A reserved login guess: the lockout key and its ticket, settled in `logging`.
+    login: Option<(String, Ticket)>,
+    /// The upstream's status, once its header arrived.
+    upstream_status: Option<u16>,
 }
 
 #[async_trait]
@@ -85,11 +124,15 @@ impl ProxyHttp for Gateway {
             tries: 0,
             body_bytes: 0,
             identity: None,
+            client_ip: None,
+            rate_headers: Vec::new(),
+            login: None,
+            upstream_status: None,
         }
     }
 
-    /// Request id, route, size cap, network gate, authentication, authorization: everything
-    /// decided from the request head alone.
+    /// Request id, route, size cap, network gate, authentication, authorization, rate limits,
+    /// and on login routes the body check and the lockout reservation.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         // 1. Request id: keep a sane one, otherwise make one.
         ctx.request_id = request_id::take_or_make(session.req_header());
@@ -128,8 +171,12 @@ impl ProxyHttp for Gateway {
             return self.reject(session, ctx, 413, None, &[]).await;
         }
         // 4. Network gate.
+        ctx.client_ip = peer_ip(session).map(|peer| {
+            self.trusted_proxies
+                .client(peer, &session.req_header().headers)
+        });
         if let Some(gate) = &route.gate {
-            if !client_ip(session).is_some_and(|ip| gate.allows(ip)) {
+            if !ctx.client_ip.is_some_and(|ip| gate.allows(ip)) {
                 return self.refuse(session, ctx, Rejection::Network).await;
             }
         }
@@ -152,7 +199,83 @@ impl ProxyHttp for Gateway {
             }
         }
 
+        // 7. Rate limits.
+        for policy in &route.rate_limits {
+            let key = match (policy.key, &ctx.identity) {
+                (KeyKind::Ip, _) => ctx.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+                (KeyKind::User, Some(id)) => {
+                    String::from_utf8_lossy(id.user.as_bytes()).into_owned()
+                }
+                (KeyKind::Tenant, Some(id)) => {
+                    String::from_utf8_lossy(id.tenant.as_bytes()).into_owned()
+                }
+                // Config validation keeps user/tenant keys to token routes.
+                (_, None) => continue,
+            };
+            let decision = self.store.rate_check(&policy.limit, &key).await;
+            let headers = [
+                (RATELIMIT_POLICY, ratelimit::policy_header(&policy.limit)),
+                (RATELIMIT, ratelimit::state_header(&policy.limit, &decision)),
+            ];
+            if !decision.allowed {
+                self.metrics
+                    .rate_limited
+                    .with_label_values(&[route.name.as_str(), policy.limit.name.as_str()])
+                    .inc();
+                if route.login.is_some() {
+                    self.count_login("throttled");
+                }
+                let secs = ratelimit::retry_after_secs(decision.retry_after);
+                let [policy_h, state_h] = headers;
+                let extra = [
+                    (header::RETRY_AFTER, HeaderValue::from(secs)),
+                    policy_h,
+                    state_h,
+                ];
+                return self.reject(session, ctx, 429, None, &extra).await;
+            }
+            if self.rate_headers_on_success {
+                ctx.rate_headers.extend(headers);
+            }
+        }
+
         session.set_read_timeout(Some(self.client_body_timeout));
+
+        // 8. Login guard: a strict body, then a reserved guess or the lock.
+        if let Some(policy) = &route.login {
+            if session.req_header().method == http::Method::POST {
+                let cap = route.max_body_bytes.min(LOGIN_BODY_CAP);
+                let body = match self.read_body(session, cap).await {
+                    Ok(body) => body,
+                    Err(status) => {
+                        self.count_login("invalid_body");
+                        if status == 413 {
+                            session.set_keepalive(None);
+                        }
+                        return self.reject(session, ctx, status, None, &[]).await;
+                    }
+                };
+                let Some(key) = lockout::login_key(&body) else {
+                    self.count_login("invalid_body");
+                    return self.reject(session, ctx, 400, None, &[]).await;
+                };
+                match self.store.reserve(&key, policy).await {
+                    Reservation::Granted(ticket) => ctx.login = Some((key, ticket)),
+                    Reservation::Locked(left) => {
+                        self.count_login("locked");
+                        let secs = ratelimit::retry_after_secs(left);
+                        let extra = [(header::RETRY_AFTER, HeaderValue::from(secs))];
+                        let message = Some("account temporarily locked");
+                        return self.reject(session, ctx, 403, message, &extra).await;
+                    }
+                    Reservation::Full => {
+                        self.count_login("throttled");
+                        let extra = [(header::RETRY_AFTER, HeaderValue::from(1u64))];
+                        return self.reject(session, ctx, 429, None, &extra).await;
+                    }
+                }
+            }
+        }
         Ok(false)
     }
 
@@ -221,8 +344,16 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         upstream_request.insert_header(envelope::REQUEST_ID, &ctx.request_id)?;
-        if let Some(ip) = client_ip(session) {
-            upstream_request.insert_header("x-forwarded-for", ip.to_string())?;
+        if let Some(peer) = peer_ip(session) {
+            // Behind a trusted proxy the chain grows by that proxy; otherwise a client-sent
+            // X-Forwarded-For is replaced by the peer.
+            let chain = match upstream_request.headers.get(X_FORWARDED_FOR) {
+                Some(prev) if self.trusted_proxies.trusts(peer) => {
+                    format!("{}, {peer}", String::from_utf8_lossy(prev.as_bytes()))
+                }
+                _ => peer.to_string(),
+            };
+            upstream_request.insert_header(X_FORWARDED_FOR, chain)?;
         }
         // Identity headers come from the gateway only: whatever the client sent goes, on every
         // route, before the verified values are set.
@@ -249,6 +380,7 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        ctx.upstream_status = Some(upstream_response.status.as_u16());
         let is_head = session.req_header().method == http::Method::HEAD;
         match rewrite::plan(is_head, upstream_response) {
             Plan::Pass => Ok(()),
@@ -274,6 +406,9 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         upstream_response.insert_header(envelope::REQUEST_ID, &ctx.request_id)?;
+        for (name, value) in &ctx.rate_headers {
+            upstream_response.append_header(name.clone(), value.clone())?;
+        }
         Ok(())
     }
 
@@ -335,6 +470,9 @@ impl ProxyHttp for Gateway {
             .duration
             .with_label_values(&[route])
             .observe(ctx.start.elapsed().as_secs_f64());
+        if let Some((key, ticket)) = ctx.login.take() {
+            self.settle_login(&key, ticket, ctx).await;
+        }
         let rewritten = ctx.empty_error.is_some()
             || ctx.rewrite.as_ref().is_some_and(Rewrite::violated_contract);
         if rewritten {
@@ -423,6 +561,60 @@ impl Gateway {
         }
     }
 
+    /// Reads a whole request body of at most `cap` bytes, kept in Pingora's retry buffer so it
+    /// is still sent upstream. Errors are the status to answer: 413, 408 or 400.
+    async fn read_body(&self, session: &mut Session, cap: u64) -> std::result::Result<Bytes, u16> {
+        session.enable_retry_buffering();
+        let mut body = Vec::new();
+        loop {
+            let chunk = tokio::time::timeout(self.client_body_timeout, session.read_request_body());
+            match chunk.await {
+                Err(_) => return Err(408),
+                Ok(Err(e)) if matches!(e.etype(), ErrorType::ReadTimedout) => return Err(408),
+                Ok(Err(_)) => return Err(400),
+                Ok(Ok(None)) => break,
+                Ok(Ok(Some(chunk))) => {
+                    if body.len() as u64 + chunk.len() as u64 > cap {
+                        return Err(413);
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+            }
+        }
+        if session.as_ref().retry_buffer_truncated() {
+            return Err(413);
+        }
+        Ok(Bytes::from(body))
+    }
+
+    /// Settles a reserved login guess by what the upstream said: 401 uses it up, 2xx clears
+    /// the key, anything else (5xx, timeout, client gone) gives it back.
+    async fn settle_login(&self, key: &str, ticket: Ticket, ctx: &Ctx) {
+        let Some(policy) = ctx.route.as_ref().and_then(|r| r.login.as_ref()) else {
+            return;
+        };
+        let (outcome, label) = match ctx.upstream_status {
+            Some(401) => (Settlement::Failure, "failure"),
+            Some(s) if (200..300).contains(&s) => (Settlement::Success, "success"),
+            _ => (Settlement::Refund, "error"),
+        };
+        self.count_login(label);
+        if self.store.settle(key, ticket, outcome, policy).await {
+            self.metrics.lockouts.inc();
+            tracing::info!(
+                route = ctx.route.as_ref().map_or("", |r| r.name.as_str()),
+                "account locked"
+            );
+        }
+    }
+
+    fn count_login(&self, outcome: &str) {
+        self.metrics
+            .login_attempts
+            .with_label_values(&[outcome])
+            .inc();
+    }
+
     fn count_upstream_failure(&self, ctx: &Ctx, kind: &str) {
         let Some(route) = ctx.route.as_ref() else {
             return;
@@ -436,12 +628,16 @@ impl Gateway {
 }
 
 /// The socket peer's address.
-fn client_ip(session: &Session) -> Option<std::net::IpAddr> {
+fn peer_ip(session: &Session) -> Option<std::net::IpAddr> {
     session
         .client_addr()
         .and_then(|a| a.as_inet())
         .map(|a| a.ip())
 }
+
+const X_FORWARDED_FOR: &str = "x-forwarded-for";
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 /// The status a failed request is answered with; 0 when the client is gone.
 fn status_for(e: &Error) -> u16 {

@@ -8,6 +8,8 @@ use crate::auth::network::Gate;
 use crate::auth::node_key::NodeKeys;
 use crate::auth::{Mode, Role};
 use crate::config;
+use crate::limits::ratelimit::Policy;
+use crate::store::LockoutPolicy;
 
 /// A route as the runtime uses it.
 #[derive(Debug)]
@@ -30,6 +32,10 @@ pub struct Route {
     pub gate: Option<Gate>,
     /// Known node keys, when the route checks them itself.
     pub node_keys: Option<Arc<NodeKeys>>,
+    /// Rate-limit policies, all of which must allow a request.
+    pub rate_limits: Vec<Policy>,
+    /// The lockout, on login routes.
+    pub login: Option<LockoutPolicy>,
 }
 
 impl Route {
@@ -67,8 +73,8 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    /// Builds the table from validated config routes.
-    pub fn new(routes: &[config::Route]) -> Self {
+    /// Builds the table from validated config routes; `login` is the lockout of login routes.
+    pub fn new(routes: &[config::Route], login: impl Fn(&config::Route) -> LockoutPolicy) -> Self {
         let mut routes: Vec<Arc<Route>> = routes
             .iter()
             .map(|r| {
@@ -83,6 +89,8 @@ impl RouteTable {
                     gate: (!r.allow_networks.is_empty())
                         .then(|| Gate::new(r.allow_networks.clone())),
                     node_keys: r.node_keys.clone(),
+                    rate_limits: r.rate_limits.clone(),
+                    login: r.login_guard.then(|| login(r)),
                 })
             })
             .collect();
@@ -172,15 +180,23 @@ mod tests {
             min_role: None,
             allow_networks: Vec::new(),
             node_keys: None,
+            rate_limits: Vec::new(),
+            login_guard: false,
         }
     }
 
     fn table() -> RouteTable {
-        RouteTable::new(&[
+        RouteTable::new_without_login(&[
             route("api", "/api/v1/", &[]),
             route("login", "/api/v1/auth/login", &[Method::POST]),
             route("health", "/healthz", &[Method::GET, Method::HEAD]),
         ])
+    }
+
+    impl RouteTable {
+        fn new_without_login(routes: &[config::Route]) -> Self {
+            RouteTable::new(routes, |_| unreachable!("no login routes here"))
+        }
     }
 
     fn name(m: Match<'_>) -> String {

@@ -1,0 +1,407 @@
+//! The in-process store: governor's keyed GCRA limiters and a bounded lockout table.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::{Quota, RateLimiter};
+
+use super::{Limit, LockoutPolicy, RateDecision, Reservation, Settlement, Store, Ticket};
+
+type Keyed =
+    RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock, StateInformationMiddleware>;
+
+/// Counters kept in this process.
+pub struct MemoryStore {
+    /// One keyed limiter per policy, indexed by [`Limit::id`].
+    limiters: Vec<Keyed>,
+    locks: Mutex<HashMap<Box<str>, Entry>>,
+    tickets: AtomicU64,
+}
+
+/// The lockout state of one key.
+#[derive(Debug, Default)]
+struct Entry {
+    /// Failed guesses since the count last started.
+    failures: u32,
+    /// When the failures are forgotten (sliding: `lock` after the last failure).
+    forget_at: Option<Instant>,
+    /// Until when the key is locked.
+    locked_until: Option<Instant>,
+    /// Guesses in flight and when each slot expires by itself.
+    pending: Vec<(Ticket, Instant)>,
+}
+
+impl Entry {
+    /// Drops whatever expired by `now`.
+    fn expire(&mut self, now: Instant) {
+        if self.locked_until.is_some_and(|t| t <= now) {
+            // The lock ran out: the next period starts from zero.
+            self.locked_until = None;
+            self.failures = 0;
+            self.forget_at = None;
+        }
+        if self.forget_at.is_some_and(|t| t <= now) {
+            self.failures = 0;
+            self.forget_at = None;
+        }
+        self.pending.retain(|(_, until)| *until > now);
+    }
+
+    fn is_idle(&self) -> bool {
+        self.failures == 0 && self.locked_until.is_none() && self.pending.is_empty()
+    }
+}
+
+impl MemoryStore {
+    /// A store with one limiter per entry of `limits` (their `id`s index this list).
+    pub fn new(limits: &[Limit]) -> MemoryStore {
+        let mut limiters = Vec::with_capacity(limits.len());
+        for (i, l) in limits.iter().enumerate() {
+            debug_assert_eq!(l.id, i, "limit ids index the limiter list");
+            limiters
+                .push(RateLimiter::keyed(quota(l)).with_middleware::<StateInformationMiddleware>());
+        }
+        MemoryStore {
+            limiters,
+            locks: Mutex::new(HashMap::new()),
+            tickets: AtomicU64::new(1),
+        }
+    }
+
+    /// Drops idle rate-limit keys and expired lockout entries. Run periodically.
+    pub fn sweep(&self) {
+        for l in &self.limiters {
+            l.retain_recent();
+            l.shrink_to_fit();
+        }
+        let now = Instant::now();
+        if let Ok(mut locks) = self.locks.lock() {
+            locks.retain(|_, e| {
+                e.expire(now);
+                !e.is_idle()
+            });
+        }
+    }
+
+    /// Keys currently held by the rate limiters and the lockout table.
+    pub fn key_counts(&self) -> (usize, usize) {
+        let rate = self.limiters.iter().map(|l| l.len()).sum();
+        let locks = self.locks.lock().map_or(0, |l| l.len());
+        (rate, locks)
+    }
+}
+
+/// Background task that sweeps a [`MemoryStore`] periodically.
+pub struct Sweeper {
+    store: std::sync::Arc<MemoryStore>,
+    interval: Duration,
+}
+
+impl Sweeper {
+    /// Sweeps `store` every `interval`.
+    pub fn new(store: std::sync::Arc<MemoryStore>, interval: Duration) -> Sweeper {
+        Sweeper { store, interval }
+    }
+}
+
+#[async_trait]
+impl pingora::services::background::BackgroundService for Sweeper {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.interval) => self.store.sweep(),
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+fn quota(l: &Limit) -> Quota {
+    let burst = std::num::NonZeroU32::new(l.burst.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
+    Quota::with_period(l.interval)
+        .unwrap_or_else(|| Quota::per_second(burst))
+        .allow_burst(burst)
+}
+
+/// Time until a bucket with `remaining` free units is full again.
+fn refill_time(limit: &Limit, remaining: u32) -> Duration {
+    limit.interval * limit.burst.saturating_sub(remaining)
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn rate_check(&self, limit: &Limit, key: &str) -> RateDecision {
+        let Some(limiter) = self.limiters.get(limit.id) else {
+            // A policy the store was not built with: fail open rather than refuse everyone.
+            tracing::error!(policy = %limit.name, "rate limit policy unknown to the memory store");
+            return RateDecision {
+                allowed: true,
+                remaining: limit.burst,
+                retry_after: Duration::ZERO,
+                reset: Duration::ZERO,
+            };
+        };
+        match limiter.check_key(&key.to_owned()) {
+            Ok(snapshot) => {
+                let remaining = snapshot.remaining_burst_capacity();
+                RateDecision {
+                    allowed: true,
+                    remaining,
+                    retry_after: Duration::ZERO,
+                    reset: refill_time(limit, remaining),
+                }
+            }
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(limiter.clock().now());
+                RateDecision {
+                    allowed: false,
+                    remaining: 0,
+                    retry_after: wait,
+                    reset: refill_time(limit, 0),
+                }
+            }
+        }
+    }
+
+    async fn reserve(&self, key: &str, policy: &LockoutPolicy) -> Reservation {
+        let now = Instant::now();
+        let Ok(mut locks) = self.locks.lock() else {
+            return Reservation::Full;
+        };
+        if !locks.contains_key(key) && locks.len() >= policy.max_entries {
+            make_room(&mut locks, now);
+            if locks.len() >= policy.max_entries {
+                return Reservation::Full;
+            }
+        }
+        let entry = locks.entry(key.into()).or_default();
+        entry.expire(now);
+        if let Some(until) = entry.locked_until {
+            return Reservation::Locked(until - now);
+        }
+        if entry.failures + entry.pending.len() as u32 >= policy.max_failures {
+            // Every remaining guess is in flight; a slot frees up when one of them settles.
+            return Reservation::Locked(Duration::from_secs(1));
+        }
+        let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
+        entry.pending.push((ticket, now + policy.reservation_ttl));
+        Reservation::Granted(ticket)
+    }
+
+    async fn settle(
+        &self,
+        key: &str,
+        ticket: Ticket,
+        outcome: Settlement,
+        policy: &LockoutPolicy,
+    ) -> bool {
+        let now = Instant::now();
+        let Ok(mut locks) = self.locks.lock() else {
+            return false;
+        };
+        let Some(entry) = locks.get_mut(key) else {
+            // Swept meanwhile (its slot expired): a late failure still counts.
+            if outcome != Settlement::Failure {
+                return false;
+            }
+            let entry = locks.entry(key.into()).or_default();
+            return fail(entry, now, policy);
+        };
+        entry.expire(now);
+        entry.pending.retain(|(t, _)| *t != ticket);
+        let locked = match outcome {
+            Settlement::Failure => fail(entry, now, policy),
+            Settlement::Success => {
+                entry.failures = 0;
+                entry.forget_at = None;
+                false
+            }
+            Settlement::Refund => false,
+        };
+        if entry.is_idle() {
+            locks.remove(key);
+        }
+        locked
+    }
+}
+
+fn fail(entry: &mut Entry, now: Instant, policy: &LockoutPolicy) -> bool {
+    if entry.locked_until.is_some() {
+        return false;
+    }
+    entry.failures += 1;
+    entry.forget_at = Some(now + policy.lock);
+    if entry.failures >= policy.max_failures {
+        entry.locked_until = Some(now + policy.lock);
+        return true;
+    }
+    false
+}
+
+/// Frees one place in a full table: expired entries first, then the unlocked entry with the
+/// fewest failures and nothing in flight. Keys under attack (many failures, locked) stay.
+fn make_room(locks: &mut HashMap<Box<str>, Entry>, now: Instant) {
+    locks.retain(|_, e| {
+        e.expire(now);
+        !e.is_idle()
+    });
+    if locks.is_empty() {
+        return;
+    }
+    let victim = locks
+        .iter()
+        .filter(|(_, e)| e.locked_until.is_none() && e.pending.is_empty())
+        .min_by_key(|(_, e)| (e.failures, e.forget_at))
+        .map(|(k, _)| k.clone());
+    if let Some(k) = victim {
+        locks.remove(&k);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> LockoutPolicy {
+        LockoutPolicy {
+            max_failures: 3,
+            lock: Duration::from_millis(300),
+            reservation_ttl: Duration::from_secs(10),
+            max_entries: 4,
+        }
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    #[test]
+    fn gcra_burst_then_refuse() {
+        let limit = Limit {
+            id: 0,
+            name: "p".into(),
+            interval: Duration::from_secs(60),
+            burst: 5,
+        };
+        let s = MemoryStore::new(std::slice::from_ref(&limit));
+        block_on(async {
+            for i in 0..5 {
+                let d = s.rate_check(&limit, "k").await;
+                assert!(d.allowed, "request {}", i + 1);
+                assert_eq!(d.remaining, 4 - i);
+            }
+            let d = s.rate_check(&limit, "k").await;
+            assert!(!d.allowed);
+            assert!(
+                d.retry_after > Duration::from_secs(55),
+                "{:?}",
+                d.retry_after
+            );
+            assert!(s.rate_check(&limit, "other").await.allowed);
+        });
+    }
+
+    #[test]
+    fn lockout_reserve_settle_cycle() {
+        let s = MemoryStore::new(&[]);
+        let p = policy();
+        block_on(async {
+            // Three slots, all taken: the fourth waits.
+            let t: Vec<_> = (0..3).map(|_| ()).collect();
+            let mut tickets = Vec::new();
+            for _ in &t {
+                match s.reserve("a", &p).await {
+                    Reservation::Granted(t) => tickets.push(t),
+                    other => panic!("{other:?}"),
+                }
+            }
+            assert!(matches!(s.reserve("a", &p).await, Reservation::Locked(_)));
+            // A refund frees a slot; failures lock on the third.
+            s.settle("a", tickets[0], Settlement::Refund, &p).await;
+            assert!(!s.settle("a", tickets[1], Settlement::Failure, &p).await);
+            assert!(!s.settle("a", tickets[2], Settlement::Failure, &p).await);
+            let Reservation::Granted(t) = s.reserve("a", &p).await else {
+                panic!()
+            };
+            assert!(
+                s.settle("a", t, Settlement::Failure, &p).await,
+                "third failure locks"
+            );
+            assert!(matches!(s.reserve("a", &p).await, Reservation::Locked(d) if d <= p.lock));
+            tokio::time::sleep(p.lock + Duration::from_millis(20)).await;
+            // The lock ran out and the count starts afresh.
+            let Reservation::Granted(t) = s.reserve("a", &p).await else {
+                panic!()
+            };
+            s.settle("a", t, Settlement::Success, &p).await;
+            assert_eq!(s.key_counts().1, 0, "idle entries are dropped");
+        });
+    }
+
+    #[test]
+    fn success_resets_failures() {
+        let s = MemoryStore::new(&[]);
+        let p = policy();
+        block_on(async {
+            for _ in 0..2 {
+                let Reservation::Granted(t) = s.reserve("a", &p).await else {
+                    panic!()
+                };
+                s.settle("a", t, Settlement::Failure, &p).await;
+            }
+            let Reservation::Granted(t) = s.reserve("a", &p).await else {
+                panic!()
+            };
+            s.settle("a", t, Settlement::Success, &p).await;
+            for _ in 0..2 {
+                let Reservation::Granted(t) = s.reserve("a", &p).await else {
+                    panic!()
+                };
+                assert!(!s.settle("a", t, Settlement::Failure, &p).await);
+            }
+        });
+    }
+
+    #[test]
+    fn table_is_bounded_and_keeps_attacked_keys() {
+        let s = MemoryStore::new(&[]);
+        let p = policy();
+        block_on(async {
+            // "victim" is locked; three more keys with one failure each fill the table.
+            for _ in 0..3 {
+                let Reservation::Granted(t) = s.reserve("victim", &p).await else {
+                    panic!()
+                };
+                s.settle("victim", t, Settlement::Failure, &p).await;
+            }
+            for k in ["x1", "x2", "x3"] {
+                let Reservation::Granted(t) = s.reserve(k, &p).await else {
+                    panic!()
+                };
+                s.settle(k, t, Settlement::Failure, &p).await;
+            }
+            assert_eq!(s.key_counts().1, 4);
+            for i in 0..50 {
+                let k = format!("flood{i}");
+                if let Reservation::Granted(t) = s.reserve(&k, &p).await {
+                    s.settle(&k, t, Settlement::Failure, &p).await;
+                }
+            }
+            assert!(s.key_counts().1 <= 4);
+            assert!(matches!(
+                s.reserve("victim", &p).await,
+                Reservation::Locked(_)
+            ));
+        });
+    }
+}

@@ -1,0 +1,101 @@
+//! Shared counters behind one trait: GCRA rate limits and the login lockout.
+//!
+//! [`memory::MemoryStore`] keeps them in this process. A shared store (Redis) implements the same
+//! trait with the same semantics, so every replica sees one truth.
+
+pub mod memory;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+/// One rate-limit policy's parameters (GCRA).
+#[derive(Debug, Clone)]
+pub struct Limit {
+    /// Index of the policy, unique in the process (the memory store's limiter slot).
+    pub id: usize,
+    /// Policy name, for keys, metrics and headers.
+    pub name: String,
+    /// Time for one unit to replenish.
+    pub interval: Duration,
+    /// Most requests allowed at once.
+    pub burst: u32,
+}
+
+impl Limit {
+    /// Time for an empty bucket to refill completely (the `w` of `RateLimit-Policy`).
+    pub fn window(&self) -> Duration {
+        self.interval * self.burst
+    }
+}
+
+/// The outcome of one rate-limit check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateDecision {
+    /// Whether the request may pass.
+    pub allowed: bool,
+    /// Requests still allowed right now after this one.
+    pub remaining: u32,
+    /// When refused: how long until one request would be allowed.
+    pub retry_after: Duration,
+    /// How long until the bucket is full again.
+    pub reset: Duration,
+}
+
+/// Lockout parameters.
+#[derive(Debug, Clone)]
+pub struct LockoutPolicy {
+    /// Failed guesses that lock the key.
+    pub max_failures: u32,
+    /// How long a lock lasts, and how long failures are remembered after the last one.
+    pub lock: Duration,
+    /// How long a reserved slot is held before it is given back on its own (a request that
+    /// never settled, e.g. a replica that died).
+    pub reservation_ttl: Duration,
+    /// Most keys kept in memory.
+    pub max_entries: usize,
+}
+
+/// Proof of a reserved guess, to settle it later.
+pub type Ticket = u64;
+
+/// The answer to a reservation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reservation {
+    /// The guess may go to the upstream.
+    Granted(Ticket),
+    /// Locked, or every slot is taken by guesses in flight: refuse for this long.
+    Locked(Duration),
+    /// The store is full and nothing can be evicted: refuse without revealing anything.
+    Full,
+}
+
+/// How a reserved guess ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// The upstream said 401: the guess is used up.
+    Failure,
+    /// The upstream said 2xx: the key starts afresh.
+    Success,
+    /// Anything else (5xx, timeout, client gone): the slot is given back.
+    Refund,
+}
+
+/// Counters shared by everything that must agree on them.
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Checks (and on success, counts) one request against `limit` for `key`.
+    async fn rate_check(&self, limit: &Limit, key: &str) -> RateDecision;
+
+    /// Reserves a guess for `key`.
+    async fn reserve(&self, key: &str, policy: &LockoutPolicy) -> Reservation;
+
+    /// Settles a reserved guess; returns true when this settlement locked the key.
+    async fn settle(
+        &self,
+        key: &str,
+        ticket: Ticket,
+        outcome: Settlement,
+        policy: &LockoutPolicy,
+    ) -> bool;
+}
