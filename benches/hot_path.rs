@@ -128,5 +128,42 @@ fn jwt(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, routes, normalise, jwt);
+fn limits(c: &mut Criterion) {
+    use get2dial_gateway::store::memory::MemoryStore;
+    use get2dial_gateway::store::{Limit, LockoutPolicy, Reservation, Settlement};
+    use std::time::Duration;
+    let limit = Limit {
+        id: 0,
+        name: "per-user".into(),
+        interval: Duration::from_millis(20),
+        burst: 100,
+    };
+    let store = MemoryStore::new(std::slice::from_ref(&limit));
+    let keys: Vec<String> = (0..10_000).map(|i| format!("user-{i:05}")).collect();
+    let mut g = c.benchmark_group("limits");
+    let mut i = 0usize;
+    g.bench_function("rate_check_10k_keys", |b| {
+        b.iter(|| {
+            i = (i + 1) % keys.len();
+            store.rate_check_now(&limit, black_box(&keys[i]))
+        })
+    });
+    let policy = LockoutPolicy {
+        max_failures: 10,
+        lock: Duration::from_secs(900),
+        reservation_ttl: Duration::from_secs(60),
+        max_entries: 100_000,
+    };
+    g.bench_function("lockout_reserve_and_settle", |b| {
+        b.iter(|| {
+            i = (i + 1) % keys.len();
+            if let Reservation::Granted(t) = store.reserve_now(black_box(&keys[i]), &policy) {
+                store.settle_now(&keys[i], t, Settlement::Success, &policy);
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, routes, normalise, jwt, limits);
 criterion_main!(benches);

@@ -168,6 +168,9 @@ impl ProxyHttp for Gateway {
         if announced.is_some_and(|n| n > route.max_body_bytes) {
             // The unread body must not be drained into the next request: close after answering.
             session.set_keepalive(None);
+            if route.login.is_some() && session.req_header().method == http::Method::POST {
+                self.count_login("invalid_body");
+            }
             return self.reject(session, ctx, 413, None, &[]).await;
         }
         // 4. Network gate.

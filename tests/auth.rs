@@ -248,7 +248,7 @@ fn valid_tokens_pass_with_verified_identity_and_spoofs_stripped() {
     assert!(!r.text().to_ascii_lowercase().contains("x-user-email"));
 
     // Public routes never pass client-made identity either.
-    let login = "POST /api/v1/auth/login HTTP/1.1\r\nHost: t\r\nX-User-Role: platform_admin\r\nX-Tenant-Id: t-9\r\nX-User-Email: x@y\r\nX-User-Id: u\r\nContent-Length: 2\r\n\r\n{}";
+    let login = "POST /api/v1/nodes/register HTTP/1.1\r\nHost: t\r\nX-User-Role: platform_admin\r\nX-Tenant-Id: t-9\r\nX-User-Email: x@y\r\nX-User-Id: u\r\nContent-Length: 2\r\n\r\n{}";
     let r = gw.send(login.as_bytes());
     assert_eq!(r.status, 200);
     let seen = r.text().to_ascii_lowercase();

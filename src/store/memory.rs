@@ -137,6 +137,27 @@ fn refill_time(limit: &Limit, remaining: u32) -> Duration {
 #[async_trait]
 impl Store for MemoryStore {
     async fn rate_check(&self, limit: &Limit, key: &str) -> RateDecision {
+        self.rate_check_now(limit, key)
+    }
+
+    async fn reserve(&self, key: &str, policy: &LockoutPolicy) -> Reservation {
+        self.reserve_now(key, policy)
+    }
+
+    async fn settle(
+        &self,
+        key: &str,
+        ticket: Ticket,
+        outcome: Settlement,
+        policy: &LockoutPolicy,
+    ) -> bool {
+        self.settle_now(key, ticket, outcome, policy)
+    }
+}
+
+impl MemoryStore {
+    /// [`Store::rate_check`] without the future: nothing here waits.
+    pub fn rate_check_now(&self, limit: &Limit, key: &str) -> RateDecision {
         let Some(limiter) = self.limiters.get(limit.id) else {
             // A policy the store was not built with: fail open rather than refuse everyone.
             tracing::error!(policy = %limit.name, "rate limit policy unknown to the memory store");
@@ -169,7 +190,8 @@ impl Store for MemoryStore {
         }
     }
 
-    async fn reserve(&self, key: &str, policy: &LockoutPolicy) -> Reservation {
+    /// [`Store::reserve`] without the future.
+    pub fn reserve_now(&self, key: &str, policy: &LockoutPolicy) -> Reservation {
         let now = Instant::now();
         let Ok(mut locks) = self.locks.lock() else {
             return Reservation::Full;
@@ -194,7 +216,8 @@ impl Store for MemoryStore {
         Reservation::Granted(ticket)
     }
 
-    async fn settle(
+    /// [`Store::settle`] without the future.
+    pub fn settle_now(
         &self,
         key: &str,
         ticket: Ticket,

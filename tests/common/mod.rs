@@ -39,12 +39,22 @@ impl Gateway {
 
     /// Like [`Gateway::start`], with environment variables and files written next to the config.
     pub fn start_with(rest: &str, env: &[(&str, &str)], files: &[(&str, &str)]) -> Gateway {
+        Gateway::start_full("", rest, env, files)
+    }
+
+    /// Like [`Gateway::start_with`], with extra `[server]` keys.
+    pub fn start_full(
+        server: &str,
+        rest: &str,
+        env: &[(&str, &str)],
+        files: &[(&str, &str)],
+    ) -> Gateway {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let text = format!(
             "[server]\nlisten = \"{addr}\"\nadmin_listen = \"{admin}\"\nthreads = 2\n\
              shutdown_grace_seconds = 0\nclient_body_timeout_ms = 400\n\
-             watch_interval_ms = 100\n\n{rest}"
+             watch_interval_ms = 100\n{server}\n\n{rest}"
         );
         let dir = tempfile::tempdir().unwrap();
         for (name, contents) in files {
@@ -99,11 +109,32 @@ impl Gateway {
         self.send(&get(path))
     }
 
-    /// The admin `/metrics` text.
+    /// The admin `/metrics` text once it has settled: requests are counted in Pingora's
+    /// logging phase, just after the answer went out, so a scrape right after the last answer
+    /// may miss it. Two identical scrapes 50 ms apart count as settled.
     pub fn metrics(&self) -> String {
-        let r = request(self.admin, &get("/metrics"));
-        assert_eq!(r.status, 200);
-        String::from_utf8(r.body).unwrap()
+        let scrape = || {
+            let r = request(self.admin, &get("/metrics"));
+            assert_eq!(r.status, 200);
+            String::from_utf8(r.body).unwrap()
+        };
+        let strip = |t: &str| -> String {
+            // Histogram sums move with time spent; compare the counters only.
+            t.lines()
+                .filter(|l| !l.contains("_sum"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let mut last = scrape();
+        for _ in 0..40 {
+            thread::sleep(Duration::from_millis(50));
+            let next = scrape();
+            if strip(&next) == strip(&last) {
+                return next;
+            }
+            last = next;
+        }
+        last
     }
 
     /// The config directory (files written next to the config live here).

@@ -170,6 +170,42 @@ fn reset(w: TcpStream) {
 
 const HTML_500: &[u8] = b"<html><body><h1>Internal Server Error</h1><pre>Traceback (most recent call last):\n  File \"/srv/app/views.py\", line 42\npsycopg2.errors.UndefinedTable: relation \"calls\" does not exist\nhost db-primary.internal:5432</pre></body></html>";
 
+/// The password every test account has.
+pub const RIGHT_PASSWORD: &str = "right-password";
+
+/// A login endpoint like the API's: 200 for the right password, 401 `invalid credentials`
+/// otherwise, 500 for emails starting with `boom`. It answers after 50 ms, so that parallel
+/// attempts are in flight together.
+fn login(req: &Req, w: &mut TcpStream) -> bool {
+    thread::sleep(Duration::from_millis(50));
+    let json = [("Content-Type", "application/json")];
+    let body: serde_json::Value = serde_json::from_slice(&req.body).unwrap_or_default();
+    let email = body["email"].as_str().unwrap_or_default();
+    if email.trim().to_lowercase().starts_with("boom") {
+        return simple(
+            w,
+            "500 Internal Server Error",
+            &[("Content-Type", "text/html")],
+            b"<h1>db down</h1>",
+        );
+    }
+    if body["password"] == RIGHT_PASSWORD {
+        simple(
+            w,
+            "200 OK",
+            &json,
+            br#"{"status":"success","data":{"token":"t"}}"#,
+        )
+    } else {
+        simple(
+            w,
+            "401 Unauthorized",
+            &json,
+            br#"{"status":"error","message":"invalid credentials"}"#,
+        )
+    }
+}
+
 /// Writes the answer for `req`; false closes the connection.
 fn respond(req: &Req, w: &mut TcpStream) -> bool {
     let json = [("Content-Type", "application/json")];
@@ -190,6 +226,7 @@ fn respond(req: &Req, w: &mut TcpStream) -> bool {
         "/not-modified" => w
             .write_all(b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\n\r\n")
             .is_ok(),
+        "/api/v1/auth/login" => login(req, w),
         p if p == "/echo" || p.starts_with("/api/") => {
             let mut body = req.head.clone().into_bytes();
             body.extend_from_slice(&req.body);
