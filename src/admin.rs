@@ -10,16 +10,18 @@ use pingora::protocols::http::ServerSession;
 
 use crate::envelope;
 use crate::metrics::Metrics;
+use crate::store::shared::StoreHealth;
 
 /// The admin HTTP app.
 pub struct Admin {
     metrics: Arc<Metrics>,
+    store: Arc<StoreHealth>,
 }
 
 impl Admin {
-    /// An admin app exporting `metrics`.
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        Admin { metrics }
+    /// An admin app exporting `metrics` and reporting `store` health on `/readyz`.
+    pub fn new(metrics: Arc<Metrics>, store: Arc<StoreHealth>) -> Self {
+        Admin { metrics, store }
     }
 }
 
@@ -40,6 +42,14 @@ impl ServeHttp for Admin {
                 StatusCode::OK,
                 envelope::CONTENT_TYPE,
                 br#"{"status":"success","data":{"status":"ok"}}"#.to_vec(),
+            ),
+            // Degraded still serves: the in-process store stands in for Redis, so taking the
+            // replica out of rotation would only make things worse.
+            (true, "/readyz") if self.store.degraded() => reply(
+                StatusCode::OK,
+                envelope::CONTENT_TYPE,
+                br#"{"status":"success","data":{"status":"degraded","store":"in-process fallback"}}"#
+                    .to_vec(),
             ),
             (true, "/readyz") => reply(
                 StatusCode::OK,

@@ -75,6 +75,71 @@ pub struct FileConfig {
     /// `[limits]`: settings shared by every rate limit.
     #[serde(default)]
     pub limits: FileLimits,
+    /// `[store]`: where lockout and rate-limit state lives.
+    #[serde(default)]
+    pub store: FileStore,
+}
+
+/// Where shared counters live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    /// In this process.
+    #[default]
+    Memory,
+    /// In Redis, shared by every replica.
+    Redis,
+}
+
+/// `[store]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileStore {
+    /// `memory` or `redis`.
+    #[serde(default)]
+    pub kind: StoreKind,
+    /// `redis://host:port/db`, `rediss://...`; with credentials only as `env:NAME` / `file:PATH`.
+    #[serde(default)]
+    pub redis_url: Option<String>,
+    /// PEM CA bundle for `rediss://` servers signed by a private CA.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Prefix of every Redis key.
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    /// Multiplexed connections to Redis.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// Longest wait for one Redis operation before the in-process store answers.
+    #[serde(default = "default_store_timeout")]
+    pub timeout_ms: u64,
+    /// Connect timeout.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for FileStore {
+    fn default() -> Self {
+        FileStore {
+            kind: StoreKind::Memory,
+            redis_url: None,
+            ca_file: None,
+            key_prefix: default_key_prefix(),
+            pool_size: default_pool_size(),
+            timeout_ms: default_store_timeout(),
+            connect_timeout_ms: default_connect_timeout(),
+        }
+    }
+}
+
+fn default_key_prefix() -> String {
+    "g2d".into()
+}
+fn default_pool_size() -> usize {
+    2
+}
+fn default_store_timeout() -> u64 {
+    50
 }
 
 /// `[lockout]` as written.
@@ -401,6 +466,8 @@ pub struct Config {
     pub lockout: Lockout,
     /// Settings shared by every rate limit.
     pub limits: Limits,
+    /// Where shared counters live: `None` in memory, `Some` in Redis.
+    pub redis: Option<crate::store::redis::Settings>,
 }
 
 /// Validated `[lockout]`.
@@ -829,6 +896,11 @@ impl Validator<'_> {
                 .millis("limits.sweep_interval_ms", file.limits.sweep_interval_ms)?,
         };
 
+        let redis = match file.store.kind {
+            StoreKind::Memory => None,
+            StoreKind::Redis => Some(self.redis(&file.store)?),
+        };
+
         Ok(Config {
             path: self.path.to_owned(),
             server,
@@ -838,7 +910,88 @@ impl Validator<'_> {
             identity_headers,
             lockout,
             limits,
+            redis,
         })
+    }
+
+    fn redis(&self, st: &FileStore) -> Result<crate::store::redis::Settings, ConfigError> {
+        let Some(source) = &st.redis_url else {
+            return Err(self.err("store.redis_url", "required when kind = \"redis\""));
+        };
+        let url = if source.starts_with("env:") || source.starts_with("file:") {
+            String::from_utf8(self.secret("store.redis_url", source)?)
+                .map_err(|_| self.err("store.redis_url", "the URL is not UTF-8"))?
+                .trim()
+                .to_string()
+        } else {
+            let authority = source.split("://").nth(1).unwrap_or_default();
+            if authority
+                .split('/')
+                .next()
+                .unwrap_or_default()
+                .contains('@')
+            {
+                return Err(self.err(
+                    "store.redis_url",
+                    "a URL with credentials is a secret: give it as `env:NAME` or `file:PATH`",
+                ));
+            }
+            source.clone()
+        };
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            return Err(self.err("store.redis_url", "must be a redis:// or rediss:// URL"));
+        }
+        if redis::Client::open(url.as_str()).is_err() {
+            return Err(self.err("store.redis_url", "is not a valid Redis URL"));
+        }
+        let ca_pem = match &st.ca_file {
+            None => None,
+            Some(f) => {
+                let path = self.relative(f);
+                Some(std::fs::read(&path).map_err(|e| {
+                    self.err(
+                        "store.ca_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?)
+            }
+        };
+        if !(1..=64).contains(&st.pool_size) {
+            return Err(self.err("store.pool_size", "must be between 1 and 64"));
+        }
+        if st.key_prefix.is_empty() || st.key_prefix.contains(char::is_whitespace) {
+            return Err(self.err("store.key_prefix", "must be non-empty, without spaces"));
+        }
+        Ok(crate::store::redis::Settings {
+            url,
+            ca_pem,
+            key_prefix: st.key_prefix.clone(),
+            pool_size: st.pool_size,
+            connect_timeout: self.millis("store.connect_timeout_ms", st.connect_timeout_ms)?,
+            timeout: self.millis("store.timeout_ms", st.timeout_ms)?,
+        })
+    }
+
+    /// A secret from `env:NAME` or `file:PATH` (a trailing newline is not part of it).
+    fn secret(&self, key: &str, source: &str) -> Result<Vec<u8>, ConfigError> {
+        if let Some(name) = source.strip_prefix("env:") {
+            return std::env::var(name)
+                .map(String::into_bytes)
+                .map_err(|_| self.err(key, format!("environment variable {name} is not set")));
+        }
+        if let Some(file) = source.strip_prefix("file:") {
+            let path = self.relative(Path::new(file));
+            let mut bytes = std::fs::read(&path)
+                .map_err(|e| self.err(key, format!("cannot read {}: {e}", path.display())))?;
+            while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                bytes.pop();
+            }
+            return Ok(bytes);
+        }
+        Err(self.err(
+            key,
+            "must be `env:NAME` or `file:PATH`; secrets never go in this file",
+        ))
     }
 
     fn policy(
@@ -924,25 +1077,7 @@ impl Validator<'_> {
         let mut secrets = Vec::with_capacity(j.secrets.len());
         for (i, source) in j.secrets.iter().enumerate() {
             let key = format!("jwt.secrets[{i}]");
-            let secret = if let Some(name) = source.strip_prefix("env:") {
-                std::env::var(name)
-                    .map_err(|_| self.err(&key, format!("environment variable {name} is not set")))?
-                    .into_bytes()
-            } else if let Some(file) = source.strip_prefix("file:") {
-                let path = self.relative(Path::new(file));
-                let mut bytes = std::fs::read(&path)
-                    .map_err(|e| self.err(&key, format!("cannot read {}: {e}", path.display())))?;
-                // A trailing newline from `echo` or an editor is not part of the secret.
-                while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-                    bytes.pop();
-                }
-                bytes
-            } else {
-                return Err(self.err(
-                    &key,
-                    "must be `env:NAME` or `file:PATH`; secrets never go in this file",
-                ));
-            };
+            let secret = self.secret(&key, source)?;
             if secret.len() < 16 {
                 return Err(self.err(
                     &key,

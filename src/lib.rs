@@ -35,6 +35,9 @@ pub enum BuildError {
     /// The metric registry refused a family.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The Redis client could not be set up.
+    #[error("{0}")]
+    Redis(String),
     /// An upstream could not be set up.
     #[error("{file}: upstreams[{index}]: {source}")]
     Upstream {
@@ -92,7 +95,28 @@ pub fn build_server(
         "limit sweeper",
         store::memory::Sweeper::new(memory.clone(), config.limits.sweep_interval),
     ));
-    let gateway = proxy::Gateway::new(config, pools, metrics.clone(), memory);
+    let health = Arc::new(store::shared::StoreHealth::default());
+    let store: Arc<dyn store::Store> = match &config.redis {
+        None => memory,
+        Some(settings) => {
+            let redis = store::redis::RedisStore::new(settings.clone()).map_err(|e| {
+                BuildError::Redis(format!("{}: store.redis_url: {e}", config.path.display()))
+            })?;
+            let shared = Arc::new(store::shared::SharedStore::new(
+                redis,
+                memory,
+                health.clone(),
+                metrics.clone(),
+                settings.timeout,
+            ));
+            server.add_service(background_service(
+                "redis probe",
+                store::shared::Prober::new(shared.clone()),
+            ));
+            shared
+        }
+    };
+    let gateway = proxy::Gateway::new(config, pools, metrics.clone(), store);
 
     let node_keys: Vec<_> = config
         .routes
@@ -111,7 +135,7 @@ pub fn build_server(
     proxy.add_tcp(&config.server.listen.to_string());
     server.add_service(proxy);
 
-    let mut admin = Service::new("admin".to_string(), admin::Admin::new(metrics));
+    let mut admin = Service::new("admin".to_string(), admin::Admin::new(metrics, health));
     admin.add_tcp(&config.server.admin_listen.to_string());
     server.add_service(admin);
 

@@ -25,6 +25,10 @@ pub struct Metrics {
     pub login_attempts: IntCounterVec,
     /// `gateway_lockouts_total`: accounts locked.
     pub lockouts: IntCounter,
+    /// `gateway_store_fallbacks_total`: store operations answered in-process because Redis failed.
+    pub store_fallbacks: IntCounter,
+    /// `gateway_store_degraded`: 1 while the in-process fallback stands in for Redis.
+    pub store_degraded: prometheus::IntGauge,
 }
 
 impl Metrics {
@@ -88,6 +92,14 @@ impl Metrics {
             "gateway_lockouts_total",
             "Accounts locked after too many failed logins.",
         )?;
+        let store_fallbacks = IntCounter::new(
+            "gateway_store_fallbacks_total",
+            "Store operations answered by the in-process store because Redis failed or was down.",
+        )?;
+        let store_degraded = prometheus::IntGauge::new(
+            "gateway_store_degraded",
+            "1 while the in-process store stands in for an unavailable Redis, else 0.",
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "gateway_build_info",
@@ -107,6 +119,8 @@ impl Metrics {
         registry.register(Box::new(rate_limited.clone()))?;
         registry.register(Box::new(login_attempts.clone()))?;
         registry.register(Box::new(lockouts.clone()))?;
+        registry.register(Box::new(store_fallbacks.clone()))?;
+        registry.register(Box::new(store_degraded.clone()))?;
         registry.register(Box::new(build_info))?;
         Ok(Metrics {
             registry,
@@ -118,6 +132,8 @@ impl Metrics {
             rate_limited,
             login_attempts,
             lockouts,
+            store_fallbacks,
+            store_degraded,
         })
     }
 

@@ -7,14 +7,17 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::redis::Backend;
 use common::upstream::{Upstream, RIGHT_PASSWORD};
 use common::{parse_metrics, Gateway, Response};
 
 const LOCKED: &str = "account temporarily locked";
 
-fn gateway(up: &Upstream, lockout: &str) -> Gateway {
+fn gateway(b: &Backend, up: &Upstream, lockout: &str) -> Gateway {
     Gateway::start(&format!(
         r#"
+{store}
+
 [lockout]
 {lockout}
 
@@ -31,7 +34,8 @@ auth = "public"
 login_guard = true
 max_body_bytes = 4096
 "#,
-        up = up.addr
+        up = up.addr,
+        store = b.toml(),
     ))
 }
 
@@ -63,10 +67,9 @@ fn outcome(m: &std::collections::HashMap<String, f64>, o: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-#[test]
-fn strict_bodies_never_reach_the_upstream() {
+fn strict_bodies_never_reach_the_upstream(b: &Backend) {
     let up = Upstream::start();
-    let gw = gateway(&up, "");
+    let gw = gateway(b, &up, "");
     let bad = [
         "",
         "{",
@@ -110,10 +113,9 @@ fn strict_bodies_never_reach_the_upstream() {
     assert_eq!(outcome(&m, "success"), 1.0);
 }
 
-#[test]
-fn ten_failures_lock_for_everyone_and_every_password() {
+fn ten_failures_lock_for_everyone_and_every_password(b: &Backend) {
     let up = Upstream::start();
-    let gw = gateway(&up, "");
+    let gw = gateway(b, &up, "");
     for i in 0..10 {
         let r = login(&gw, "victim@example.com", &format!("guess-{i}"));
         r.assert_envelope(401, "invalid credentials");
@@ -145,10 +147,9 @@ fn ten_failures_lock_for_everyone_and_every_password() {
     assert_eq!(m.get("gateway_lockouts_total"), Some(&1.0));
 }
 
-#[test]
-fn a_hundred_parallel_guesses_let_at_most_ten_through() {
+fn a_hundred_parallel_guesses_let_at_most_ten_through(b: &Backend) {
     let up = Upstream::start();
-    let gw = Arc::new(gateway(&up, ""));
+    let gw = Arc::new(gateway(b, &up, ""));
     let handles: Vec<_> = (0..100)
         .map(|i| {
             let gw = gw.clone();
@@ -178,10 +179,9 @@ fn a_hundred_parallel_guesses_let_at_most_ten_through() {
     );
 }
 
-#[test]
-fn lock_expires_and_success_resets_the_count() {
+fn lock_expires_and_success_resets_the_count(b: &Backend) {
     let up = Upstream::start();
-    let gw = gateway(&up, "max_failures = 3\nlock_seconds = 1");
+    let gw = gateway(b, &up, "max_failures = 3\nlock_seconds = 1");
     for _ in 0..3 {
         login(&gw, "a@example.com", "wrong").assert_envelope(401, "invalid credentials");
     }
@@ -208,10 +208,9 @@ fn lock_expires_and_success_resets_the_count() {
     }
 }
 
-#[test]
-fn upstream_errors_give_the_slot_back() {
+fn upstream_errors_give_the_slot_back(b: &Backend) {
     let up = Upstream::start();
-    let gw = gateway(&up, "max_failures = 3");
+    let gw = gateway(b, &up, "max_failures = 3");
     for _ in 0..8 {
         login(&gw, "boom@example.com", "x").assert_envelope(500, "internal server error");
     }
@@ -221,11 +220,12 @@ fn upstream_errors_give_the_slot_back() {
     assert_eq!(m.get("gateway_lockouts_total"), Some(&0.0));
 }
 
-#[test]
-fn per_ip_throttle_stands_beside_the_lockout() {
+fn per_ip_throttle_stands_beside_the_lockout(b: &Backend) {
     let up = Upstream::start();
     let gw = Gateway::start(&format!(
         r#"
+{store}
+
 [[upstreams]]
 name = "control"
 servers = ["{up}"]
@@ -240,7 +240,8 @@ login_guard = true
 max_body_bytes = 4096
 rate_limit = {{ key = "ip", per_minute = 1, burst = 4 }}
 "#,
-        up = up.addr
+        up = up.addr,
+        store = b.toml(),
     ));
     // One address spraying many accounts: four attempts pass, the fifth is throttled.
     for i in 0..4 {
@@ -254,3 +255,12 @@ rate_limit = {{ key = "ip", per_minute = 1, burst = 4 }}
     let m = attempts(&gw);
     assert_eq!(outcome(&m, "throttled"), 1.0);
 }
+
+both_stores!(
+    strict_bodies_never_reach_the_upstream,
+    ten_failures_lock_for_everyone_and_every_password,
+    a_hundred_parallel_guesses_let_at_most_ten_through,
+    lock_expires_and_success_resets_the_count,
+    upstream_errors_give_the_slot_back,
+    per_ip_throttle_stands_beside_the_lockout,
+);

@@ -5,6 +5,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::redis::Backend;
 use common::upstream::Upstream;
 use common::{parse_metrics, Gateway, Response};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
@@ -22,11 +23,12 @@ fn token(tenant: &str, user: &str) -> String {
     .unwrap()
 }
 
-fn gateway(up: &Upstream, extra: &str) -> Gateway {
+fn gateway(b: &Backend, up: &Upstream, extra: &str) -> Gateway {
     Gateway::start_with(
         &format!(
             r#"
 {extra}
+{store}
 
 [jwt]
 secrets = ["env:G2D_RL_SECRET"]
@@ -59,7 +61,8 @@ rate_limits = [
   {{ name = "per-tenant", key = "tenant", per_minute = 1, burst = 5 }},
 ]
 "#,
-            up = up.addr
+            up = up.addr,
+            store = b.toml(),
         ),
         &[("G2D_RL_SECRET", SECRET)],
         &[],
@@ -84,10 +87,9 @@ fn as_user(gw: &Gateway, tenant: &str, user: &str) -> Response {
     )
 }
 
-#[test]
-fn burst_then_429_with_headers() {
+fn burst_then_429_with_headers(b: &Backend) {
     let up = Upstream::start();
-    let gw = gateway(&up, "");
+    let gw = gateway(b, &up, "");
     for i in 0..5 {
         assert_eq!(
             get(&gw, "/api/v1/public/x", &[]).status,
@@ -118,10 +120,9 @@ fn burst_then_429_with_headers() {
     );
 }
 
-#[test]
-fn users_and_tenants_have_their_own_quotas() {
+fn users_and_tenants_have_their_own_quotas(b: &Backend) {
     let up = Upstream::start();
-    let gw = gateway(&up, "");
+    let gw = gateway(b, &up, "");
     // Per user: three each.
     for _ in 0..3 {
         assert_eq!(as_user(&gw, "t1", "alice").status, 200);
@@ -145,12 +146,13 @@ fn users_and_tenants_have_their_own_quotas() {
     assert_eq!(as_user(&gw, "t2", "carol").status, 200);
 }
 
-fn gateway_with_server(up: &Upstream, server: &str, extra: &str) -> Gateway {
+fn gateway_with_server(b: &Backend, up: &Upstream, server: &str, extra: &str) -> Gateway {
     Gateway::start_full(
         server,
         &format!(
             r#"
 {extra}
+{store}
 
 [[upstreams]]
 name = "app"
@@ -163,17 +165,17 @@ upstream = "app"
 auth = "public"
 rate_limit = {{ name = "by-ip", key = "ip", per_minute = 1, burst = 2 }}
 "#,
-            up = up.addr
+            up = up.addr,
+            store = b.toml(),
         ),
         &[],
         &[],
     )
 }
 
-#[test]
-fn forwarded_for_is_ignored_from_untrusted_peers() {
+fn forwarded_for_is_ignored_from_untrusted_peers(b: &Backend) {
     let up = Upstream::start();
-    let gw = gateway_with_server(&up, "", "");
+    let gw = gateway_with_server(b, &up, "", "");
     // A client cannot pick a fresh key by sending headers.
     for i in 0..2 {
         let xff = format!("X-Forwarded-For: 203.0.113.{i}");
@@ -196,11 +198,10 @@ fn forwarded_for_is_ignored_from_untrusted_peers() {
     assert_eq!(r.status, 429);
 }
 
-#[test]
-fn forwarded_for_is_honoured_from_trusted_proxies() {
+fn forwarded_for_is_honoured_from_trusted_proxies(b: &Backend) {
     let up = Upstream::start();
     // The test talks from 127.0.0.1, which is trusted here: it plays the load balancer.
-    let gw = gateway_with_server(&up, "trusted_proxies = [\"127.0.0.1\"]", "");
+    let gw = gateway_with_server(b, &up, "trusted_proxies = [\"127.0.0.1\"]", "");
     let from = |chain: &str| {
         get(
             &gw,
@@ -228,10 +229,9 @@ fn forwarded_for_is_honoured_from_trusted_proxies() {
     assert_eq!(get(&gw, "/api/v1/public/x", &[]).status, 200);
 }
 
-#[test]
-fn the_limit_refills_after_its_period() {
+fn the_limit_refills_after_its_period(b: &Backend) {
     let up = Upstream::start();
-    let gw = gateway(&up, "");
+    let gw = gateway(b, &up, "");
     assert_eq!(get(&gw, "/api/v1/refill/x", &[]).status, 200);
     let r = get(&gw, "/api/v1/refill/x", &[]);
     r.assert_envelope(429, "rate limit exceeded");
@@ -244,15 +244,23 @@ fn the_limit_refills_after_its_period() {
     assert_eq!(get(&gw, "/api/v1/refill/x", &[]).status, 200);
 }
 
-#[test]
-fn allowed_answers_carry_ratelimit_headers_when_configured() {
+fn allowed_answers_carry_ratelimit_headers_when_configured(b: &Backend) {
     let up = Upstream::start();
-    let gw = gateway_with_server(&up, "", "[limits]\nheaders_on_success = true");
+    let gw = gateway_with_server(b, &up, "", "[limits]\nheaders_on_success = true");
     let r = get(&gw, "/api/v1/public/x", &[]);
     assert_eq!(r.status, 200);
     assert_eq!(r.header("ratelimit-policy"), Some("\"by-ip\";q=2;w=120"));
     assert_eq!(r.header("ratelimit"), Some("\"by-ip\";r=1;t=60"));
     // Off by default.
-    let gw = gateway_with_server(&up, "", "");
+    let gw = gateway_with_server(b, &up, "", "");
     assert_eq!(get(&gw, "/api/v1/public/x", &[]).header("ratelimit"), None);
 }
+
+both_stores!(
+    burst_then_429_with_headers,
+    users_and_tenants_have_their_own_quotas,
+    forwarded_for_is_ignored_from_untrusted_peers,
+    forwarded_for_is_honoured_from_trusted_proxies,
+    the_limit_refills_after_its_period,
+    allowed_answers_carry_ratelimit_headers_when_configured,
+);

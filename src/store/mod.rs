@@ -1,9 +1,12 @@
 //! Shared counters behind one trait: GCRA rate limits and the login lockout.
 //!
-//! [`memory::MemoryStore`] keeps them in this process. A shared store (Redis) implements the same
-//! trait with the same semantics, so every replica sees one truth.
+//! [`memory::MemoryStore`] keeps them in this process; [`shared::SharedStore`] keeps them in Redis
+//! (with the memory store as its fallback) with the same semantics, so every replica sees one
+//! truth.
 
 pub mod memory;
+pub mod redis;
+pub mod shared;
 
 use std::time::Duration;
 

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub mod redis;
 pub mod upstream;
 
 /// A free port on 127.0.0.1 (bound then released; the gateway binds it right after).

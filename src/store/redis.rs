@@ -1,0 +1,278 @@
+//! The shared store: rate limits and lockouts in Redis, each operation one atomic Lua script
+//! (one round trip), with keys that expire by themselves.
+//!
+//! The scripts implement exactly the memory store's semantics: governor's GCRA
+//! (`t` = interval, `tau` = `t * (burst - 1)`, a key's value is its theoretical arrival time),
+//! and the lockout's reserve / settle with a sorted set of in-flight tickets.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, Script};
+use tokio::sync::OnceCell;
+
+use super::{Limit, LockoutPolicy, RateDecision, Reservation, Settlement, Ticket};
+
+/// GCRA. KEYS[1] = bucket; ARGV = interval µs, tau µs. Returns {allowed, remaining, wait µs}.
+const GCRA: &str = r#"
+local t = tonumber(ARGV[1])
+local tau = tonumber(ARGV[2])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+local earliest = tat - tau
+if now < earliest then
+  return {0, 0, earliest - now}
+end
+local nxt = math.max(tat, now) + t
+-- The bucket is full again at `nxt`: from then on a missing key means the same.
+redis.call('SET', KEYS[1], string.format('%.0f', nxt), 'PX', math.ceil((nxt - now) / 1000) + 1)
+return {1, math.floor((now + tau + t - nxt) / t), 0}
+"#;
+
+/// Shared head of both lockout scripts: loads the key's state, applying expiries.
+/// KEYS[1] = state hash {f = failures, forget = ms, locked = ms}, KEYS[2] = pending tickets.
+const LOCK_STATE: &str = r#"
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local st = redis.call('HMGET', KEYS[1], 'f', 'forget', 'locked')
+local f = tonumber(st[1]) or 0
+local forget = tonumber(st[2]) or 0
+local locked = tonumber(st[3]) or 0
+if locked > 0 and locked <= now then
+  f = 0; forget = 0; locked = 0
+  redis.call('DEL', KEYS[1])
+end
+if forget > 0 and forget <= now then
+  f = 0; forget = 0
+  redis.call('HDEL', KEYS[1], 'f', 'forget')
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+"#;
+
+/// ARGV = max failures, reservation ttl ms, ticket. Returns {granted, wait ms}.
+const RESERVE: &str = r#"
+local max = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+if locked > now then
+  return {0, locked - now}
+end
+if f + redis.call('ZCARD', KEYS[2]) >= max then
+  return {0, 1000}
+end
+redis.call('ZADD', KEYS[2], now + ttl, ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ttl)
+return {1, 0}
+"#;
+
+/// ARGV = outcome (f, s, r), max failures, lock ms, ticket. Returns 1 when this locked the key.
+const SETTLE: &str = r#"
+local max = tonumber(ARGV[2])
+local lock = tonumber(ARGV[3])
+redis.call('ZREM', KEYS[2], ARGV[4])
+if ARGV[1] == 'r' then
+  return 0
+end
+if ARGV[1] == 's' then
+  if locked == 0 then
+    redis.call('DEL', KEYS[1])
+  end
+  return 0
+end
+if locked > now then
+  return 0
+end
+f = f + 1
+if f >= max then
+  redis.call('HSET', KEYS[1], 'f', f, 'forget', now + lock, 'locked', now + lock)
+  redis.call('PEXPIREAT', KEYS[1], now + lock)
+  return 1
+end
+redis.call('HSET', KEYS[1], 'f', f, 'forget', now + lock)
+redis.call('PEXPIREAT', KEYS[1], now + lock)
+return 0
+"#;
+
+/// How to reach Redis.
+#[derive(Clone)]
+pub struct Settings {
+    /// Connection URL (`redis://`, `rediss://`, with user and password when needed).
+    pub url: String,
+    /// PEM CA bundle for `rediss://` servers with a private CA.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Prefix of every key.
+    pub key_prefix: String,
+    /// Multiplexed connections, used round-robin.
+    pub pool_size: usize,
+    /// TCP (and TLS) connect timeout.
+    pub connect_timeout: Duration,
+    /// Longest wait for one operation's answer.
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password.
+        f.debug_struct("Settings")
+            .field("url", &"[redacted]")
+            .field("key_prefix", &self.key_prefix)
+            .field("pool_size", &self.pool_size)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// Rate limits and lockouts in Redis.
+pub struct RedisStore {
+    client: Client,
+    config: Settings,
+    connections: OnceCell<Vec<ConnectionManager>>,
+    next: AtomicUsize,
+    gcra: Script,
+    reserve: Script,
+    settle: Script,
+}
+
+impl RedisStore {
+    /// A store for `settings`; connections are made on first use.
+    pub fn new(settings: Settings) -> redis::RedisResult<RedisStore> {
+        let client = match &settings.ca_pem {
+            Some(pem) => Client::build_with_tls(
+                settings.url.as_str(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            )?,
+            None => Client::open(settings.url.as_str())?,
+        };
+        Ok(RedisStore {
+            client,
+            config: settings,
+            connections: OnceCell::new(),
+            next: AtomicUsize::new(0),
+            gcra: Script::new(GCRA),
+            reserve: Script::new(&format!("{LOCK_STATE}{RESERVE}")),
+            settle: Script::new(&format!("{LOCK_STATE}{SETTLE}")),
+        })
+    }
+
+    async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
+        let pool = self
+            .connections
+            .get_or_try_init(|| async {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(self.config.connect_timeout))
+                    .set_response_timeout(Some(self.config.timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_millis(500));
+                (0..self.config.pool_size.max(1))
+                    .map(|_| {
+                        ConnectionManager::new_lazy_with_config(self.client.clone(), config.clone())
+                    })
+                    .collect::<redis::RedisResult<Vec<_>>>()
+            })
+            .await?;
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % pool.len();
+        Ok(pool[i].clone())
+    }
+
+    /// Round trip to the server, for the health probe.
+    pub async fn ping(&self) -> redis::RedisResult<()> {
+        let mut c = self.connection().await?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut c)
+            .await
+            .map(|_| ())
+    }
+
+    /// [`super::Store::rate_check`] against Redis.
+    pub async fn rate_check(&self, limit: &Limit, key: &str) -> redis::RedisResult<RateDecision> {
+        let t = micros(limit.interval).max(1);
+        let tau = t * u64::from(limit.burst.saturating_sub(1));
+        let bucket = format!("{}:rl:{}:{}", self.config.key_prefix, limit.name, key);
+        let mut c = self.connection().await?;
+        let (allowed, remaining, wait): (i64, i64, i64) = self
+            .gcra
+            .key(bucket)
+            .arg(t)
+            .arg(tau)
+            .invoke_async(&mut c)
+            .await?;
+        let remaining = u32::try_from(remaining.max(0)).unwrap_or(u32::MAX);
+        Ok(RateDecision {
+            allowed: allowed == 1,
+            remaining,
+            retry_after: Duration::from_micros(wait.max(0) as u64),
+            reset: limit.interval * limit.burst.saturating_sub(remaining),
+        })
+    }
+
+    fn lock_keys(&self, key: &str) -> (String, String) {
+        // One hash tag for both keys, so they share a cluster slot.
+        let base = format!("{}:lo:{{{}}}", self.config.key_prefix, key);
+        (format!("{base}:s"), format!("{base}:p"))
+    }
+
+    /// [`super::Store::reserve`] against Redis.
+    pub async fn reserve(
+        &self,
+        key: &str,
+        policy: &LockoutPolicy,
+        ticket: Ticket,
+    ) -> redis::RedisResult<Reservation> {
+        let (state, pending) = self.lock_keys(key);
+        let mut c = self.connection().await?;
+        let (granted, wait): (i64, i64) = self
+            .reserve
+            .key(state)
+            .key(pending)
+            .arg(policy.max_failures)
+            .arg(millis(policy.reservation_ttl))
+            .arg(ticket)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(if granted == 1 {
+            Reservation::Granted(ticket)
+        } else {
+            Reservation::Locked(Duration::from_millis(wait.max(0) as u64))
+        })
+    }
+
+    /// [`super::Store::settle`] against Redis.
+    pub async fn settle(
+        &self,
+        key: &str,
+        ticket: Ticket,
+        outcome: Settlement,
+        policy: &LockoutPolicy,
+    ) -> redis::RedisResult<bool> {
+        let (state, pending) = self.lock_keys(key);
+        let outcome = match outcome {
+            Settlement::Failure => "f",
+            Settlement::Success => "s",
+            Settlement::Refund => "r",
+        };
+        let mut c = self.connection().await?;
+        let locked: i64 = self
+            .settle
+            .key(state)
+            .key(pending)
+            .arg(outcome)
+            .arg(policy.max_failures)
+            .arg(millis(policy.lock))
+            .arg(ticket)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(locked == 1)
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
