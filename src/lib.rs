@@ -55,6 +55,10 @@ pub fn build_server(
     config: &Config,
     extra: impl FnOnce(&mut Server),
 ) -> Result<Server, BuildError> {
+    // One TLS crypto provider for the whole process (rediss:// connections), chosen explicitly
+    // rather than by whichever crate features happen to be enabled.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
     let grace = config.server.shutdown_grace.as_secs();
     let conf = ServerConf {
         threads: config.server.threads,

@@ -67,9 +67,17 @@ impl Gateway {
             .args(["run", "--config"])
             .arg(&path)
             .envs(env.iter().copied())
-            .env("RUST_LOG", "error")
+            .env(
+                "RUST_LOG",
+                std::env::var("G2D_TEST_GATEWAY_LOG").unwrap_or_else(|_| "error".into()),
+            )
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            // G2D_TEST_GATEWAY_LOG=<level> shows the gateway's own log when a test needs debugging.
+            .stderr(if std::env::var_os("G2D_TEST_GATEWAY_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .expect("start the gateway binary");
         let gw = Gateway {

@@ -49,14 +49,22 @@ impl RedisServer {
             .spawn()
             .expect("redis-server (scripts/setup.sh installs it)");
         self.child = Some(child);
+        // A TLS-only server listens on its --tls-port.
+        let port = self
+            .args
+            .iter()
+            .position(|a| a == "--tls-port")
+            .and_then(|i| self.args.get(i + 1))
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(self.port);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        panic!("redis-server did not listen on {}", self.port);
+        panic!("redis-server did not listen on {port}");
     }
 
     /// Kills the server (as a crash would).
