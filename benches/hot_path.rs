@@ -132,13 +132,13 @@ fn limits(c: &mut Criterion) {
     use get2dial_gateway::store::memory::MemoryStore;
     use get2dial_gateway::store::{Limit, LockoutPolicy, Reservation, Settlement};
     use std::time::Duration;
-    let limit = Limit {
+    let mut limit = Limit {
         id: 0,
         name: "per-user".into(),
         interval: Duration::from_millis(20),
         burst: 100,
     };
-    let store = MemoryStore::new(std::slice::from_ref(&limit));
+    let store = MemoryStore::new(&mut [&mut limit]);
     let keys: Vec<String> = (0..10_000).map(|i| format!("user-{i:05}")).collect();
     let mut g = c.benchmark_group("limits");
     let mut i = 0usize;

@@ -51,7 +51,7 @@ fn start_redis() -> Option<(Server, u16)> {
 }
 
 fn stores(c: &mut Criterion) {
-    let limit = Limit {
+    let mut limit = Limit {
         id: 0,
         name: "per-user".into(),
         interval: Duration::from_millis(20),
@@ -67,7 +67,7 @@ fn stores(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("a tokio runtime");
-    let memory = MemoryStore::new(std::slice::from_ref(&limit));
+    let memory = MemoryStore::new(&mut [&mut limit]);
     let mut g = c.benchmark_group("store");
     g.bench_function("memory_rate_check", |b| {
         b.iter(|| memory.rate_check_now(&limit, "user-1"))

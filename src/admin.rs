@@ -10,18 +10,25 @@ use pingora::protocols::http::ServerSession;
 
 use crate::envelope;
 use crate::metrics::Metrics;
+use crate::reload::Reloader;
 use crate::store::shared::StoreHealth;
 
 /// The admin HTTP app.
 pub struct Admin {
     metrics: Arc<Metrics>,
     store: Arc<StoreHealth>,
+    reloader: Arc<Reloader>,
 }
 
 impl Admin {
-    /// An admin app exporting `metrics` and reporting `store` health on `/readyz`.
-    pub fn new(metrics: Arc<Metrics>, store: Arc<StoreHealth>) -> Self {
-        Admin { metrics, store }
+    /// An admin app exporting `metrics`, reporting `store` health on `/readyz` and reloading
+    /// the configuration on `POST /-/reload`.
+    pub fn new(metrics: Arc<Metrics>, store: Arc<StoreHealth>, reloader: Arc<Reloader>) -> Self {
+        Admin {
+            metrics,
+            store,
+            reloader,
+        }
     }
 }
 
@@ -32,6 +39,28 @@ impl ServeHttp for Admin {
             session.req_header().method,
             http::Method::GET | http::Method::HEAD
         );
+        let post = session.req_header().method == http::Method::POST;
+        if post && session.req_header().uri.path() == "/-/reload" {
+            let reloader = self.reloader.clone();
+            // Reading files and secrets blocks; keep it off the async workers.
+            return match tokio::task::spawn_blocking(move || reloader.reload()).await {
+                Ok(Ok(())) => reply(
+                    StatusCode::OK,
+                    envelope::CONTENT_TYPE,
+                    br#"{"status":"success","data":{"reloaded":true}}"#.to_vec(),
+                ),
+                Ok(Err(e)) => reply(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    envelope::CONTENT_TYPE,
+                    envelope::body(&e).to_vec(),
+                ),
+                Err(_) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    envelope::CONTENT_TYPE,
+                    envelope::default_body(500).to_vec(),
+                ),
+            };
+        }
         match (get, session.req_header().uri.path()) {
             (true, "/metrics") => reply(
                 StatusCode::OK,

@@ -587,6 +587,14 @@ impl std::fmt::Debug for NodeKeys {
 }
 
 impl Config {
+    /// Every rate-limit policy of every route, for the store to give them ids.
+    pub fn limits_mut(&mut self) -> Vec<&mut Limit> {
+        self.routes
+            .iter_mut()
+            .flat_map(|r| r.rate_limits.iter_mut().map(|p| &mut p.limit))
+            .collect()
+    }
+
     /// Reads, parses and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
@@ -720,7 +728,6 @@ impl Validator<'_> {
         }
         let mut routes = Vec::with_capacity(file.routes.len());
         let mut seen = HashSet::new();
-        let mut next_limit_id = 0;
         for (i, r) in file.routes.iter().enumerate() {
             let key = |k: &str| format!("routes[{i}].{k}");
             self.name(&key("name"), &r.name)?;
@@ -802,7 +809,7 @@ impl Validator<'_> {
                     .map(|(j, p)| (format!("routes[{i}].rate_limits[{j}]"), p)),
             );
             for (pkey, p) in policies {
-                let policy = self.policy(&pkey, p, &r.name, r.auth, next_limit_id)?;
+                let policy = self.policy(&pkey, p, &r.name, r.auth)?;
                 if rate_limits
                     .iter()
                     .any(|q: &Policy| q.limit.name == policy.limit.name)
@@ -815,7 +822,6 @@ impl Validator<'_> {
                         ),
                     ));
                 }
-                next_limit_id += 1;
                 rate_limits.push(policy);
             }
             if r.login_guard {
@@ -1000,7 +1006,6 @@ impl Validator<'_> {
         p: &FileRateLimit,
         route: &str,
         auth: Mode,
-        id: usize,
     ) -> Result<Policy, ConfigError> {
         let rates = [
             (p.per_second, Duration::from_secs(1)),
@@ -1037,7 +1042,8 @@ impl Validator<'_> {
         Ok(Policy {
             key: p.key,
             limit: Limit {
-                id,
+                // Set by the store when it registers the policy.
+                id: 0,
                 name,
                 interval: period / count,
                 burst,

@@ -14,14 +14,17 @@ pub mod envelope;
 pub mod limits;
 pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod request_id;
 pub mod rewrite;
 pub mod routes;
+pub mod state;
 pub mod store;
 pub mod upstreams;
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::services::background::background_service;
@@ -39,22 +42,17 @@ pub enum BuildError {
     #[error("{0}")]
     Redis(String),
     /// An upstream could not be set up.
-    #[error("{file}: upstreams[{index}]: {source}")]
+    #[error("{file}: upstreams: {source}")]
     Upstream {
         /// Config file.
         file: String,
-        /// Index of the upstream in the file.
-        index: usize,
         /// Cause.
         source: std::io::Error,
     },
 }
 
 /// Builds the server for `config`. `extra` may add services (the demo's stand-in upstream).
-pub fn build_server(
-    config: &Config,
-    extra: impl FnOnce(&mut Server),
-) -> Result<Server, BuildError> {
+pub fn build_server(config: Config, extra: impl FnOnce(&mut Server)) -> Result<Server, BuildError> {
     // One TLS crypto provider for the whole process (rediss:// connections), chosen explicitly
     // rather than by whichever crate features happen to be enabled.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -71,44 +69,46 @@ pub fn build_server(
 
     let metrics = Arc::new(metrics::Metrics::new()?);
 
-    let mut pools = Vec::with_capacity(config.upstreams.len());
-    for (index, u) in config.upstreams.iter().enumerate() {
-        let balancer = upstreams::Pool::balancer(u).map_err(|source| BuildError::Upstream {
-            file: config.path.display().to_string(),
-            index,
-            source,
-        })?;
-        let balancer = if u.health_check_interval.is_some() {
-            let service = background_service(&format!("health check {}", u.name), balancer);
-            let task = service.task();
-            server.add_service(service);
-            task
-        } else {
-            Arc::new(balancer)
-        };
-        pools.push(Arc::new(upstreams::Pool::new(u, balancer)));
-    }
-
-    let limits: Vec<store::Limit> = config
-        .routes
-        .iter()
-        .flat_map(|r| r.rate_limits.iter().map(|p| p.limit.clone()))
-        .collect();
-    let memory = Arc::new(store::memory::MemoryStore::new(&limits));
+    let mut config = config;
+    let memory = Arc::new(store::memory::MemoryStore::new(&mut config.limits_mut()));
     server.add_service(background_service(
         "limit sweeper",
         store::memory::Sweeper::new(memory.clone(), config.limits.sweep_interval),
     ));
+    let state = state::State::new(&config).map_err(|e| BuildError::Upstream {
+        file: config.path.display().to_string(),
+        source: e,
+    })?;
+    let state = Arc::new(ArcSwap::from_pointee(state));
+    server.add_service(background_service(
+        "upstream health checks",
+        upstreams::HealthChecks::new(state.clone()),
+    ));
+    let watched = state.clone();
+    let files: auth::node_key::Files = Box::new(move || {
+        let state = watched.load();
+        state
+            .routes
+            .routes()
+            .iter()
+            .filter_map(|r| r.node_keys.clone())
+            .collect()
+    });
+    server.add_service(background_service(
+        "node key watcher",
+        auth::node_key::Watcher::new(files, config.server.watch_interval),
+    ));
+
     let health = Arc::new(store::shared::StoreHealth::default());
     let store: Arc<dyn store::Store> = match &config.redis {
-        None => memory,
+        None => memory.clone(),
         Some(settings) => {
             let redis = store::redis::RedisStore::new(settings.clone()).map_err(|e| {
                 BuildError::Redis(format!("{}: store.redis_url: {e}", config.path.display()))
             })?;
             let shared = Arc::new(store::shared::SharedStore::new(
                 redis,
-                memory,
+                memory.clone(),
                 health.clone(),
                 metrics.clone(),
                 settings.timeout,
@@ -120,27 +120,31 @@ pub fn build_server(
             shared
         }
     };
-    let gateway = proxy::Gateway::new(config, pools, metrics.clone(), store);
+    let gateway = proxy::Gateway::new(state.clone(), metrics.clone(), store);
+    let listen = config.server.listen.to_string();
+    let admin_listen = config.server.admin_listen.to_string();
+    let reloader = Arc::new(reload::Reloader::new(
+        config,
+        state,
+        memory,
+        metrics.clone(),
+    ));
+    server.add_service(background_service(
+        "reload on SIGHUP",
+        reload::OnSignal::new(reloader.clone()),
+    ));
 
-    let node_keys: Vec<_> = config
-        .routes
-        .iter()
-        .filter_map(|r| r.node_keys.clone())
-        .collect();
-    if !node_keys.is_empty() {
-        let watcher = auth::node_key::Watcher::new(node_keys, config.server.watch_interval);
-        server.add_service(background_service("node key watcher", watcher));
-    }
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
         gateway,
         "get2dial-gateway",
     );
-    proxy.add_tcp(&config.server.listen.to_string());
+    proxy.add_tcp(&listen);
     server.add_service(proxy);
 
-    let mut admin = Service::new("admin".to_string(), admin::Admin::new(metrics, health));
-    admin.add_tcp(&config.server.admin_listen.to_string());
+    let admin_app = admin::Admin::new(metrics, health, reloader);
+    let mut admin = Service::new("admin".to_string(), admin_app);
+    admin.add_tcp(&admin_listen);
     server.add_service(admin);
 
     extra(&mut server);

@@ -72,7 +72,12 @@ fn main() -> ExitCode {
         }
     };
     let stand_in_addr = stand_in.as_ref().map(|(addr, _)| *addr);
-    let server = build_server(&config, |server| {
+    let summary = (
+        config.server.listen,
+        config.server.admin_listen,
+        config.routes.len(),
+    );
+    let server = build_server(config.clone(), |server| {
         if let Some((addr, app)) = stand_in {
             let mut svc = Service::new("demo stand-in".to_string(), app);
             svc.add_tcp(&addr.to_string());
@@ -82,9 +87,9 @@ fn main() -> ExitCode {
     match server {
         Ok(server) => {
             tracing::info!(
-                listen = %config.server.listen,
-                admin = %config.server.admin_listen,
-                routes = config.routes.len(),
+                listen = %summary.0,
+                admin = %summary.1,
+                routes = summary.2,
                 "get2dial-gateway starting"
             );
             if let Some(addr) = stand_in_addr {

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub store_fallbacks: IntCounter,
     /// `gateway_store_degraded`: 1 while the in-process fallback stands in for Redis.
     pub store_degraded: prometheus::IntGauge,
+    /// `gateway_config_reloads_total{result}`: reloads by result (success, failure).
+    pub config_reloads: IntCounterVec,
 }
 
 impl Metrics {
@@ -100,6 +102,13 @@ impl Metrics {
             "gateway_store_degraded",
             "1 while the in-process store stands in for an unavailable Redis, else 0.",
         )?;
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "gateway_config_reloads_total",
+                "Configuration reloads by result: success, or failure (the running one stays).",
+            ),
+            &["result"],
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "gateway_build_info",
@@ -121,6 +130,7 @@ impl Metrics {
         registry.register(Box::new(lockouts.clone()))?;
         registry.register(Box::new(store_fallbacks.clone()))?;
         registry.register(Box::new(store_degraded.clone()))?;
+        registry.register(Box::new(config_reloads.clone()))?;
         registry.register(Box::new(build_info))?;
         Ok(Metrics {
             registry,
@@ -134,6 +144,7 @@ impl Metrics {
             lockouts,
             store_fallbacks,
             store_degraded,
+            config_reloads,
         })
     }
 

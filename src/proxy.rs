@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
@@ -12,80 +13,43 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorSource, ErrorType};
 
-use crate::auth::jwt::Verifier;
 use crate::auth::{self, node_key, Identity, Mode, Rejection, Role};
-use crate::client_ip::TrustedProxies;
-use crate::config::{Config, IdentityHeaders, LOGIN_BODY_CAP};
+use crate::config::LOGIN_BODY_CAP;
 use crate::envelope;
 use crate::limits::lockout;
 use crate::limits::ratelimit::{self, KeyKind};
 use crate::metrics::{self, Metrics};
 use crate::request_id;
 use crate::rewrite::{self, Plan, Rewrite};
-use crate::routes::{Match, Route, RouteTable};
+use crate::routes::{Match, Route};
+use crate::state::State;
 use crate::store::{Reservation, Settlement, Store, Ticket};
-use crate::upstreams::Pool;
 
 /// Label used for requests that matched no route.
 const UNMATCHED: &str = "unmatched";
 
-/// The gateway: routes, upstream pools, token checks and metrics, shared by every request.
+/// The gateway: the current configuration snapshot, the counter store and the metrics.
 pub struct Gateway {
-    routes: RouteTable,
-    pools: Vec<Arc<Pool>>,
+    state: Arc<ArcSwap<State>>,
     metrics: Arc<Metrics>,
-    client_body_timeout: Duration,
-    jwt: Option<Verifier>,
-    identity_headers: IdentityHeaders,
     store: Arc<dyn Store>,
-    trusted_proxies: TrustedProxies,
-    rate_headers_on_success: bool,
 }
 
 impl Gateway {
-    /// Assembles the gateway for `config` around its upstream pools and counter store.
-    pub fn new(
-        config: &Config,
-        pools: Vec<Arc<Pool>>,
-        metrics: Arc<Metrics>,
-        store: Arc<dyn Store>,
-    ) -> Self {
-        let lockout = &config.lockout;
-        let routes = RouteTable::new(&config.routes, |r| {
-            // A reserved guess is given back by itself once its request cannot be running any
-            // more: every upstream timeout of one attempt, plus margin.
-            let u = &config.upstreams[r.upstream];
-            crate::store::LockoutPolicy {
-                max_failures: lockout.max_failures,
-                lock: lockout.lock,
-                reservation_ttl: u.connect_timeout
-                    + u.write_timeout
-                    + u.read_timeout
-                    + config.server.client_body_timeout
-                    + Duration::from_secs(5),
-                max_entries: lockout.max_entries,
-            }
-        });
+    /// Serves requests with whatever `state` holds when each request starts.
+    pub fn new(state: Arc<ArcSwap<State>>, metrics: Arc<Metrics>, store: Arc<dyn Store>) -> Self {
         Gateway {
-            routes,
-            pools,
+            state,
             metrics,
-            client_body_timeout: config.server.client_body_timeout,
-            jwt: config.jwt.as_ref().map(Verifier::new),
-            identity_headers: config.identity_headers.clone(),
             store,
-            trusted_proxies: TrustedProxies::new(config.server.trusted_proxies.clone()),
-            rate_headers_on_success: config.limits.headers_on_success,
         }
-    }
-
-    fn pool(&self, route: &Route) -> Option<&Arc<Pool>> {
-        self.pools.get(route.upstream)
     }
 }
 
 /// What one request carries from phase to phase.
 pub struct Ctx {
+    /// The configuration this request runs under, from start to end.
+    state: Arc<State>,
     start: Instant,
     request_id: String,
     route: Option<Arc<Route>>,
@@ -116,6 +80,7 @@ impl ProxyHttp for Gateway {
 
     fn new_ctx(&self) -> Ctx {
         Ctx {
+            state: self.state.load_full(),
             start: Instant::now(),
             request_id: String::new(),
             route: None,
@@ -134,12 +99,14 @@ impl ProxyHttp for Gateway {
     /// Request id, route, size cap, network gate, authentication, authorization, rate limits,
     /// and on login routes the body check and the lockout reservation.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let state = ctx.state.clone();
+
         // 1. Request id: keep a sane one, otherwise make one.
         ctx.request_id = request_id::take_or_make(session.req_header());
 
         // 2. Route.
         let req = session.req_header();
-        let route = match self.routes.find(&req.method, req.uri.path()) {
+        let route = match state.routes.find(&req.method, req.uri.path()) {
             Match::Found(route) => route.clone(),
             Match::NotFound => return self.reject(session, ctx, 404, None, &[]).await,
             Match::BadPath => {
@@ -175,7 +142,8 @@ impl ProxyHttp for Gateway {
         }
         // 4. Network gate.
         ctx.client_ip = peer_ip(session).map(|peer| {
-            self.trusted_proxies
+            state
+                .trusted_proxies
                 .client(peer, &session.req_header().headers)
         });
         if let Some(gate) = &route.gate {
@@ -185,7 +153,7 @@ impl ProxyHttp for Gateway {
         }
 
         // 5. Authenticate.
-        match self.authenticate(session, &route) {
+        match authenticate(&state, session, &route) {
             Ok(identity) => ctx.identity = identity,
             Err(rejection) => return self.refuse(session, ctx, rejection).await,
         }
@@ -237,18 +205,18 @@ impl ProxyHttp for Gateway {
                 ];
                 return self.reject(session, ctx, 429, None, &extra).await;
             }
-            if self.rate_headers_on_success {
+            if state.rate_headers_on_success {
                 ctx.rate_headers.extend(headers);
             }
         }
 
-        session.set_read_timeout(Some(self.client_body_timeout));
+        session.set_read_timeout(Some(state.client_body_timeout));
 
         // 8. Login guard: a strict body, then a reserved guess or the lock.
         if let Some(policy) = &route.login {
             if session.req_header().method == http::Method::POST {
                 let cap = route.max_body_bytes.min(LOGIN_BODY_CAP);
-                let body = match self.read_body(session, cap).await {
+                let body = match read_body(session, cap, state.client_body_timeout).await {
                     Ok(body) => body,
                     Err(status) => {
                         self.count_login("invalid_body");
@@ -305,7 +273,7 @@ impl ProxyHttp for Gateway {
         let Some(route) = ctx.route.as_ref() else {
             return Error::e_explain(ErrorType::InternalError, "no route for upstream_peer");
         };
-        let Some(pool) = self.pool(route) else {
+        let Some(pool) = ctx.state.pool(route) else {
             return Error::e_explain(ErrorType::InternalError, "route names a missing upstream");
         };
         match pool.select() {
@@ -328,7 +296,7 @@ impl ProxyHttp for Gateway {
         let servers = ctx
             .route
             .as_ref()
-            .and_then(|r| self.pool(r))
+            .and_then(|r| ctx.state.pool(r))
             .map_or(1, |p| p.server_count);
         if ctx.tries < servers {
             if let Some(kind) = upstream_failure_kind(&e) {
@@ -351,7 +319,7 @@ impl ProxyHttp for Gateway {
             // Behind a trusted proxy the chain grows by that proxy; otherwise a client-sent
             // X-Forwarded-For is replaced by the peer.
             let chain = match upstream_request.headers.get(X_FORWARDED_FOR) {
-                Some(prev) if self.trusted_proxies.trusts(peer) => {
+                Some(prev) if ctx.state.trusted_proxies.trusts(peer) => {
                     format!("{}, {peer}", String::from_utf8_lossy(prev.as_bytes()))
                 }
                 _ => peer.to_string(),
@@ -360,7 +328,7 @@ impl ProxyHttp for Gateway {
         }
         // Identity headers come from the gateway only: whatever the client sent goes, on every
         // route, before the verified values are set.
-        let names = &self.identity_headers;
+        let names = &ctx.state.identity_headers;
         for name in names.all() {
             upstream_request.remove_header(name);
         }
@@ -502,50 +470,6 @@ impl Gateway {
         Ok(true)
     }
 
-    /// Who is calling, as the route's auth mode asks.
-    fn authenticate(
-        &self,
-        session: &Session,
-        route: &Route,
-    ) -> Result<Option<Identity>, Rejection> {
-        let req = session.req_header();
-        match route.auth {
-            Mode::Public => Ok(None),
-            Mode::Jwt => {
-                let token = auth::bearer(&req.headers)?.ok_or(Rejection::Missing)?;
-                self.verify(token).map(Some)
-            }
-            Mode::JwtQuery => match auth::bearer(&req.headers)? {
-                Some(token) => self.verify(token).map(Some),
-                None => {
-                    let token = auth::query_token(req.uri.query())?.ok_or(Rejection::Missing)?;
-                    self.verify(&token).map(Some)
-                }
-            },
-            Mode::NodeKey => {
-                let key = auth::bearer(&req.headers)?.ok_or(Rejection::Missing)?;
-                match &route.node_keys {
-                    Some(keys) => keys.check(key)?,
-                    // Without a digest file the upstream verifies the key; the edge only
-                    // insists on its shape.
-                    None => node_key::well_formed(key)?,
-                }
-                Ok(None)
-            }
-        }
-    }
-
-    fn verify(&self, token: &str) -> Result<Identity, Rejection> {
-        match &self.jwt {
-            Some(v) => v.verify(token),
-            None => {
-                // Config validation requires [jwt] for token routes; refuse rather than pass.
-                tracing::error!("token route without a [jwt] verifier");
-                Err(Rejection::BadSignature)
-            }
-        }
-    }
-
     /// Answers a refused caller: 401 with `WWW-Authenticate: Bearer`, or 403. The reason goes
     /// to the metrics and the debug log only.
     async fn refuse(&self, session: &mut Session, ctx: &Ctx, rejection: Rejection) -> Result<bool> {
@@ -562,32 +486,6 @@ impl Gateway {
         } else {
             self.reject(session, ctx, status, None, &[]).await
         }
-    }
-
-    /// Reads a whole request body of at most `cap` bytes, kept in Pingora's retry buffer so it
-    /// is still sent upstream. Errors are the status to answer: 413, 408 or 400.
-    async fn read_body(&self, session: &mut Session, cap: u64) -> std::result::Result<Bytes, u16> {
-        session.enable_retry_buffering();
-        let mut body = Vec::new();
-        loop {
-            let chunk = tokio::time::timeout(self.client_body_timeout, session.read_request_body());
-            match chunk.await {
-                Err(_) => return Err(408),
-                Ok(Err(e)) if matches!(e.etype(), ErrorType::ReadTimedout) => return Err(408),
-                Ok(Err(_)) => return Err(400),
-                Ok(Ok(None)) => break,
-                Ok(Ok(Some(chunk))) => {
-                    if body.len() as u64 + chunk.len() as u64 > cap {
-                        return Err(413);
-                    }
-                    body.extend_from_slice(&chunk);
-                }
-            }
-        }
-        if session.as_ref().retry_buffer_truncated() {
-            return Err(413);
-        }
-        Ok(Bytes::from(body))
     }
 
     /// Settles a reserved login guess by what the upstream said: 401 uses it up, 2xx clears
@@ -622,12 +520,85 @@ impl Gateway {
         let Some(route) = ctx.route.as_ref() else {
             return;
         };
-        let upstream = self.pool(route).map_or("", |p| p.name.as_str());
+        let upstream = ctx.state.pool(route).map_or("", |p| p.name.as_str());
         self.metrics
             .upstream_failures
             .with_label_values(&[route.name.as_str(), upstream, kind])
             .inc();
     }
+}
+
+/// Who is calling, as the route's auth mode asks.
+fn authenticate(
+    state: &State,
+    session: &Session,
+    route: &Route,
+) -> std::result::Result<Option<Identity>, Rejection> {
+    let req = session.req_header();
+    match route.auth {
+        Mode::Public => Ok(None),
+        Mode::Jwt => {
+            let token = auth::bearer(&req.headers)?.ok_or(Rejection::Missing)?;
+            verify(state, token).map(Some)
+        }
+        Mode::JwtQuery => match auth::bearer(&req.headers)? {
+            Some(token) => verify(state, token).map(Some),
+            None => {
+                let token = auth::query_token(req.uri.query())?.ok_or(Rejection::Missing)?;
+                verify(state, &token).map(Some)
+            }
+        },
+        Mode::NodeKey => {
+            let key = auth::bearer(&req.headers)?.ok_or(Rejection::Missing)?;
+            match &route.node_keys {
+                Some(keys) => keys.check(key)?,
+                // Without a digest file the upstream verifies the key; the edge only insists
+                // on its shape.
+                None => node_key::well_formed(key)?,
+            }
+            Ok(None)
+        }
+    }
+}
+
+fn verify(state: &State, token: &str) -> std::result::Result<Identity, Rejection> {
+    match &state.jwt {
+        Some(v) => v.verify(token),
+        None => {
+            // Config validation requires [jwt] for token routes; refuse rather than pass.
+            tracing::error!("token route without a [jwt] verifier");
+            Err(Rejection::BadSignature)
+        }
+    }
+}
+
+/// Reads a whole request body of at most `cap` bytes, kept in Pingora's retry buffer so it is
+/// still sent upstream. Errors are the status to answer: 413, 408 or 400.
+async fn read_body(
+    session: &mut Session,
+    cap: u64,
+    timeout: Duration,
+) -> std::result::Result<Bytes, u16> {
+    session.enable_retry_buffering();
+    let mut body = Vec::new();
+    loop {
+        match tokio::time::timeout(timeout, session.read_request_body()).await {
+            Err(_) => return Err(408),
+            Ok(Err(e)) if matches!(e.etype(), ErrorType::ReadTimedout) => return Err(408),
+            Ok(Err(_)) => return Err(400),
+            Ok(Ok(None)) => break,
+            Ok(Ok(Some(chunk))) => {
+                if body.len() as u64 + chunk.len() as u64 > cap {
+                    return Err(413);
+                }
+                body.extend_from_slice(&chunk);
+            }
+        }
+    }
+    if session.as_ref().retry_buffer_truncated() {
+        return Err(413);
+    }
+    Ok(Bytes::from(body))
 }
 
 /// The socket peer's address.

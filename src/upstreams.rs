@@ -1,47 +1,49 @@
 //! Upstream pools: round-robin over each upstream's servers, with optional TCP health checks.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
 use pingora::lb::health_check::TcpHealthCheck;
 use pingora::lb::selection::RoundRobin;
 use pingora::lb::LoadBalancer;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::config;
+use crate::state::State;
 
 /// One upstream as the runtime uses it.
 pub struct Pool {
     /// Name used in metrics and logs.
     pub name: String,
     /// Round-robin selection over the healthy servers.
-    pub balancer: Arc<LoadBalancer<RoundRobin>>,
+    pub balancer: LoadBalancer<RoundRobin>,
     /// Number of servers, the bound on connect retries.
     pub server_count: usize,
     settings: config::Upstream,
+    /// When the health check is due next (`None`: now).
+    next_check: Mutex<Option<Instant>>,
 }
 
 impl Pool {
-    /// The balancer for `u`, with its health check when one is configured; the caller runs it
-    /// as a background service in that case so the check repeats.
-    pub fn balancer(u: &config::Upstream) -> std::io::Result<LoadBalancer<RoundRobin>> {
+    /// The pool for `u`. Its health check, if configured, is run by [`HealthChecks`].
+    pub fn new(u: &config::Upstream) -> std::io::Result<Pool> {
         let mut balancer = LoadBalancer::<RoundRobin>::try_from_iter(u.servers.iter().copied())?;
-        if let Some(interval) = u.health_check_interval {
+        if u.health_check_interval.is_some() {
             let mut check = TcpHealthCheck::new();
             check.peer_template.options.connection_timeout = Some(u.connect_timeout);
             balancer.set_health_check(check);
-            balancer.health_check_frequency = Some(interval);
         }
-        Ok(balancer)
-    }
-
-    /// The pool for `u` around its balancer.
-    pub fn new(u: &config::Upstream, balancer: Arc<LoadBalancer<RoundRobin>>) -> Pool {
-        Pool {
+        Ok(Pool {
             name: u.name.clone(),
             balancer,
             server_count: u.servers.len(),
             settings: u.clone(),
-        }
+            next_check: Mutex::new(None),
+        })
     }
 
     /// A peer for the next healthy server, or `None` when every server is down.
@@ -55,5 +57,52 @@ impl Pool {
         o.write_timeout = Some(self.settings.write_timeout);
         o.idle_timeout = Some(self.settings.idle_timeout);
         Some(peer)
+    }
+
+    /// Runs the health check when it is due.
+    async fn check_if_due(&self, now: Instant) {
+        let Some(interval) = self.settings.health_check_interval else {
+            return;
+        };
+        {
+            let Ok(mut next) = self.next_check.lock() else {
+                return;
+            };
+            if next.is_some_and(|t| t > now) {
+                return;
+            }
+            *next = Some(now + interval);
+        }
+        self.balancer.backends().run_health_check(true).await;
+    }
+}
+
+/// Background task running the health checks of the current configuration's pools, so that
+/// pools replaced by a reload are checked without restarting anything.
+pub struct HealthChecks {
+    state: Arc<ArcSwap<State>>,
+}
+
+impl HealthChecks {
+    /// Checks the pools of whatever state is current.
+    pub fn new(state: Arc<ArcSwap<State>>) -> HealthChecks {
+        HealthChecks { state }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for HealthChecks {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        loop {
+            let state = self.state.load_full();
+            let now = Instant::now();
+            for pool in &state.pools {
+                pool.check_if_due(now).await;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
     }
 }

@@ -127,15 +127,18 @@ fn read(path: &Path) -> Result<Loaded, String> {
     Ok((digests, modified))
 }
 
+/// The node-key files to watch; asked anew each round, so a reload's files are watched too.
+pub type Files = Box<dyn Fn() -> Vec<Arc<NodeKeys>> + Send + Sync>;
+
 /// Background task that polls node-key files for changes.
 pub struct Watcher {
-    files: Vec<Arc<NodeKeys>>,
+    files: Files,
     interval: Duration,
 }
 
 impl Watcher {
-    /// Watches `files` every `interval`.
-    pub fn new(files: Vec<Arc<NodeKeys>>, interval: Duration) -> Watcher {
+    /// Watches the files `files` names every `interval`.
+    pub fn new(files: Files, interval: Duration) -> Watcher {
         Watcher { files, interval }
     }
 }
@@ -148,7 +151,7 @@ impl BackgroundService for Watcher {
                 _ = tokio::time::sleep(self.interval) => {}
                 _ = shutdown.changed() => return,
             }
-            for f in &self.files {
+            for f in (self.files)() {
                 f.reload_if_changed();
             }
         }

@@ -2,9 +2,10 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
@@ -18,8 +19,11 @@ type Keyed =
 
 /// Counters kept in this process.
 pub struct MemoryStore {
-    /// One keyed limiter per policy, indexed by [`Limit::id`].
-    limiters: Vec<Keyed>,
+    /// One keyed limiter per policy, indexed by [`Limit::id`]. Append-only, so ids handed out
+    /// stay valid for requests still running under an older configuration.
+    limiters: ArcSwap<Vec<Arc<Keyed>>>,
+    /// The parameters each id was created with.
+    registered: Mutex<Vec<(String, Duration, u32)>>,
     locks: Mutex<HashMap<Box<str>, Entry>>,
     tickets: AtomicU64,
 }
@@ -59,24 +63,46 @@ impl Entry {
 }
 
 impl MemoryStore {
-    /// A store with one limiter per entry of `limits` (their `id`s index this list).
-    pub fn new(limits: &[Limit]) -> MemoryStore {
-        let mut limiters = Vec::with_capacity(limits.len());
-        for (i, l) in limits.iter().enumerate() {
-            debug_assert_eq!(l.id, i, "limit ids index the limiter list");
-            limiters
-                .push(RateLimiter::keyed(quota(l)).with_middleware::<StateInformationMiddleware>());
-        }
-        MemoryStore {
-            limiters,
+    /// A store with a limiter for each of `limits`, whose `id`s it sets.
+    pub fn new(limits: &mut [&mut Limit]) -> MemoryStore {
+        let store = MemoryStore {
+            limiters: ArcSwap::from_pointee(Vec::new()),
+            registered: Mutex::new(Vec::new()),
             locks: Mutex::new(HashMap::new()),
             tickets: AtomicU64::new(1),
+        };
+        store.register(limits);
+        store
+    }
+
+    /// Gives each limit its limiter and sets its `id`. A limit with the same name, interval and
+    /// burst as one registered before (an unchanged policy across a reload) keeps its limiter
+    /// and so its counts; changed or new policies start afresh.
+    pub fn register(&self, limits: &mut [&mut Limit]) {
+        let Ok(mut registered) = self.registered.lock() else {
+            return;
+        };
+        let mut limiters: Vec<Arc<Keyed>> = self.limiters.load().as_ref().clone();
+        for l in limits.iter_mut() {
+            let params = (l.name.clone(), l.interval, l.burst);
+            l.id = match registered.iter().position(|p| *p == params) {
+                Some(id) => id,
+                None => {
+                    registered.push(params);
+                    limiters.push(Arc::new(
+                        RateLimiter::keyed(quota(l))
+                            .with_middleware::<StateInformationMiddleware>(),
+                    ));
+                    limiters.len() - 1
+                }
+            };
         }
+        self.limiters.store(Arc::new(limiters));
     }
 
     /// Drops idle rate-limit keys and expired lockout entries. Run periodically.
     pub fn sweep(&self) {
-        for l in &self.limiters {
+        for l in self.limiters.load().iter() {
             l.retain_recent();
             l.shrink_to_fit();
         }
@@ -91,7 +117,7 @@ impl MemoryStore {
 
     /// Keys currently held by the rate limiters and the lockout table.
     pub fn key_counts(&self) -> (usize, usize) {
-        let rate = self.limiters.iter().map(|l| l.len()).sum();
+        let rate = self.limiters.load().iter().map(|l| l.len()).sum();
         let locks = self.locks.lock().map_or(0, |l| l.len());
         (rate, locks)
     }
@@ -99,13 +125,13 @@ impl MemoryStore {
 
 /// Background task that sweeps a [`MemoryStore`] periodically.
 pub struct Sweeper {
-    store: std::sync::Arc<MemoryStore>,
+    store: Arc<MemoryStore>,
     interval: Duration,
 }
 
 impl Sweeper {
     /// Sweeps `store` every `interval`.
-    pub fn new(store: std::sync::Arc<MemoryStore>, interval: Duration) -> Sweeper {
+    pub fn new(store: Arc<MemoryStore>, interval: Duration) -> Sweeper {
         Sweeper { store, interval }
     }
 }
@@ -158,7 +184,8 @@ impl Store for MemoryStore {
 impl MemoryStore {
     /// [`Store::rate_check`] without the future: nothing here waits.
     pub fn rate_check_now(&self, limit: &Limit, key: &str) -> RateDecision {
-        let Some(limiter) = self.limiters.get(limit.id) else {
+        let limiters = self.limiters.load();
+        let Some(limiter) = limiters.get(limit.id) else {
             // A policy the store was not built with: fail open rather than refuse everyone.
             tracing::error!(policy = %limit.name, "rate limit policy unknown to the memory store");
             return RateDecision {
@@ -310,13 +337,13 @@ mod tests {
 
     #[test]
     fn gcra_burst_then_refuse() {
-        let limit = Limit {
+        let mut limit = Limit {
             id: 0,
             name: "p".into(),
             interval: Duration::from_secs(60),
             burst: 5,
         };
-        let s = MemoryStore::new(std::slice::from_ref(&limit));
+        let s = MemoryStore::new(&mut [&mut limit]);
         block_on(async {
             for i in 0..5 {
                 let d = s.rate_check(&limit, "k").await;
@@ -335,8 +362,29 @@ mod tests {
     }
 
     #[test]
+    fn unchanged_policies_keep_their_limiter_across_registrations() {
+        let make = |name: &str, burst| Limit {
+            id: 99,
+            name: name.into(),
+            interval: Duration::from_secs(60),
+            burst,
+        };
+        let (mut a, mut b) = (make("a", 1), make("b", 1));
+        let s = MemoryStore::new(&mut [&mut a, &mut b]);
+        assert_eq!((a.id, b.id), (0, 1));
+        assert!(s.rate_check_now(&a, "k").allowed);
+        assert!(!s.rate_check_now(&a, "k").allowed);
+        // A reload: `a` unchanged keeps its count, `b` changed gets a new limiter.
+        let (mut a2, mut b2) = (make("a", 1), make("b", 2));
+        s.register(&mut [&mut b2, &mut a2]);
+        assert_eq!((a2.id, b2.id), (0, 2));
+        assert!(!s.rate_check_now(&a2, "k").allowed);
+        assert!(s.rate_check_now(&b, "k").allowed, "old ids stay valid");
+    }
+
+    #[test]
     fn lockout_reserve_settle_cycle() {
-        let s = MemoryStore::new(&[]);
+        let s = MemoryStore::new(&mut []);
         let p = policy();
         block_on(async {
             // Three slots, all taken: the fourth waits.
@@ -373,7 +421,7 @@ mod tests {
 
     #[test]
     fn success_resets_failures() {
-        let s = MemoryStore::new(&[]);
+        let s = MemoryStore::new(&mut []);
         let p = policy();
         block_on(async {
             for _ in 0..2 {
@@ -397,7 +445,7 @@ mod tests {
 
     #[test]
     fn table_is_bounded_and_keeps_attacked_keys() {
-        let s = MemoryStore::new(&[]);
+        let s = MemoryStore::new(&mut []);
         let p = policy();
         block_on(async {
             // "victim" is locked; three more keys with one failure each fill the table.

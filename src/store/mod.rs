@@ -15,7 +15,7 @@ use async_trait::async_trait;
 /// One rate-limit policy's parameters (GCRA).
 #[derive(Debug, Clone)]
 pub struct Limit {
-    /// Index of the policy, unique in the process (the memory store's limiter slot).
+    /// The memory store's limiter slot, set by [`memory::MemoryStore::register`].
     pub id: usize,
     /// Policy name, for keys, metrics and headers.
     pub name: String,

@@ -1,0 +1,74 @@
+//! Everything a request needs that a configuration reload may replace, as one snapshot.
+//!
+//! The gateway holds the current [`State`] behind an `ArcSwap`; each request takes the snapshot
+//! that is current when it starts and keeps it to the end, so a reload never changes the rules
+//! under a request in flight.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::auth::jwt::Verifier;
+use crate::client_ip::TrustedProxies;
+use crate::config::{Config, IdentityHeaders};
+use crate::routes::{Route, RouteTable};
+use crate::store::LockoutPolicy;
+use crate::upstreams::Pool;
+
+/// One configuration, ready for requests.
+pub struct State {
+    /// Routes, most specific first.
+    pub routes: RouteTable,
+    /// Upstream pools, indexed by [`Route::upstream`].
+    pub pools: Vec<Arc<Pool>>,
+    /// Longest pause between two reads of a request body.
+    pub client_body_timeout: Duration,
+    /// User token verification, when any route needs it.
+    pub jwt: Option<Verifier>,
+    /// Header names for the verified identity.
+    pub identity_headers: IdentityHeaders,
+    /// Proxies whose X-Forwarded-For is believed.
+    pub trusted_proxies: TrustedProxies,
+    /// Send rate-limit headers on allowed answers.
+    pub rate_headers_on_success: bool,
+}
+
+impl State {
+    /// Builds the snapshot for `config`.
+    pub fn new(config: &Config) -> std::io::Result<State> {
+        let lockout = &config.lockout;
+        let routes = RouteTable::new(&config.routes, |r| {
+            // A reserved guess is given back by itself once its request cannot be running any
+            // more: every timeout of one attempt, plus margin.
+            let u = &config.upstreams[r.upstream];
+            LockoutPolicy {
+                max_failures: lockout.max_failures,
+                lock: lockout.lock,
+                reservation_ttl: u.connect_timeout
+                    + u.write_timeout
+                    + u.read_timeout
+                    + config.server.client_body_timeout
+                    + Duration::from_secs(5),
+                max_entries: lockout.max_entries,
+            }
+        });
+        let pools = config
+            .upstreams
+            .iter()
+            .map(|u| Ok(Arc::new(Pool::new(u)?)))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(State {
+            routes,
+            pools,
+            client_body_timeout: config.server.client_body_timeout,
+            jwt: config.jwt.as_ref().map(Verifier::new),
+            identity_headers: config.identity_headers.clone(),
+            trusted_proxies: TrustedProxies::new(config.server.trusted_proxies.clone()),
+            rate_headers_on_success: config.limits.headers_on_success,
+        })
+    }
+
+    /// The upstream pool of `route`.
+    pub fn pool(&self, route: &Route) -> Option<&Arc<Pool>> {
+        self.pools.get(route.upstream)
+    }
+}
