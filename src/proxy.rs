@@ -352,6 +352,13 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         ctx.upstream_status = Some(upstream_response.status.as_u16());
+        // Settle the login guess now, before the client sees the answer: a client that retries
+        // at once must find its failure already counted.
+        if !upstream_response.status.is_informational() {
+            if let Some((key, ticket)) = ctx.login.take() {
+                self.settle_login(&key, ticket, ctx).await;
+            }
+        }
         let is_head = session.req_header().method == http::Method::HEAD;
         match rewrite::plan(is_head, upstream_response) {
             Plan::Pass => Ok(()),
@@ -441,6 +448,7 @@ impl ProxyHttp for Gateway {
             .duration
             .with_label_values(&[route])
             .observe(ctx.start.elapsed().as_secs_f64());
+        // A guess whose upstream never answered (timeout, reset, client gone) is given back.
         if let Some((key, ticket)) = ctx.login.take() {
             self.settle_login(&key, ticket, ctx).await;
         }
@@ -489,7 +497,7 @@ impl Gateway {
     }
 
     /// Settles a reserved login guess by what the upstream said: 401 uses it up, 2xx clears
-    /// the key, anything else (5xx, timeout, client gone) gives it back.
+    /// the key, anything else (5xx, or no answer at all) gives it back.
     async fn settle_login(&self, key: &str, ticket: Ticket, ctx: &Ctx) {
         let Some(policy) = ctx.route.as_ref().and_then(|r| r.login.as_ref()) else {
             return;
