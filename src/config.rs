@@ -78,6 +78,52 @@ pub struct FileConfig {
     /// `[store]`: where lockout and rate-limit state lives.
     #[serde(default)]
     pub store: FileStore,
+    /// `[log]`: log level and format.
+    #[serde(default)]
+    pub log: FileLog,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// One JSON object per line, for log pipelines.
+    #[default]
+    Json,
+    /// Human-readable, for a terminal.
+    Text,
+}
+
+/// `[log]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileLog {
+    /// Level filter (`error`, `warn`, `info`, `debug`, or a tracing filter); `RUST_LOG` overrides.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+    /// `json` or `text`.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// One line per request at info level, target `access`.
+    #[serde(default = "default_true")]
+    pub access_log: bool,
+}
+
+impl Default for FileLog {
+    fn default() -> Self {
+        FileLog {
+            level: default_log_level(),
+            format: LogFormat::Json,
+            access_log: true,
+        }
+    }
+}
+
+fn default_log_level() -> String {
+    "info".into()
+}
+fn default_true() -> bool {
+    true
 }
 
 /// Where shared counters live.
@@ -325,6 +371,13 @@ pub struct FileServer {
     /// Proxies (CIDRs or addresses) whose `X-Forwarded-For` is believed.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// Unix socket through which a new process takes over the listeners (graceful upgrade).
+    #[serde(default = "default_upgrade_sock")]
+    pub upgrade_sock: PathBuf,
+}
+
+fn default_upgrade_sock() -> PathBuf {
+    "/tmp/get2dial-gateway-upgrade.sock".into()
 }
 
 impl Default for FileServer {
@@ -337,6 +390,7 @@ impl Default for FileServer {
             client_body_timeout_ms: default_client_body_timeout(),
             watch_interval_ms: default_watch_interval(),
             trusted_proxies: Vec::new(),
+            upgrade_sock: default_upgrade_sock(),
         }
     }
 }
@@ -468,6 +522,8 @@ pub struct Config {
     pub limits: Limits,
     /// Where shared counters live: `None` in memory, `Some` in Redis.
     pub redis: Option<crate::store::redis::Settings>,
+    /// Log settings.
+    pub log: FileLog,
 }
 
 /// Validated `[lockout]`.
@@ -527,6 +583,8 @@ pub struct Server {
     pub watch_interval: Duration,
     /// Proxies whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpNet>,
+    /// Graceful-upgrade socket.
+    pub upgrade_sock: PathBuf,
 }
 
 /// Validated `[[upstreams]]` entry.
@@ -681,6 +739,7 @@ impl Validator<'_> {
                 .enumerate()
                 .map(|(i, n)| self.network(&format!("server.trusted_proxies[{i}]"), n))
                 .collect::<Result<Vec<_>, _>>()?,
+            upgrade_sock: self.relative(&s.upgrade_sock),
         };
         if server.listen == server.admin_listen {
             return Err(self.err(
@@ -902,6 +961,12 @@ impl Validator<'_> {
                 .millis("limits.sweep_interval_ms", file.limits.sweep_interval_ms)?,
         };
 
+        if tracing_subscriber::EnvFilter::try_new(&file.log.level).is_err() {
+            return Err(self.err(
+                "log.level",
+                format!("`{}` is not a level or tracing filter", file.log.level),
+            ));
+        }
         let redis = match file.store.kind {
             StoreKind::Memory => None,
             StoreKind::Redis => Some(self.redis(&file.store)?),
@@ -917,6 +982,7 @@ impl Validator<'_> {
             lockout,
             limits,
             redis,
+            log: file.log.clone(),
         })
     }
 

@@ -25,7 +25,7 @@ pub mod upstreams;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use pingora::server::configuration::ServerConf;
+use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
@@ -51,8 +51,13 @@ pub enum BuildError {
     },
 }
 
-/// Builds the server for `config`. `extra` may add services (the demo's stand-in upstream).
-pub fn build_server(config: Config, extra: impl FnOnce(&mut Server)) -> Result<Server, BuildError> {
+/// Builds the server for `config`; `upgrade` takes over the sockets of a running gateway.
+/// `extra` may add services (the demo's stand-in upstream).
+pub fn build_server(
+    config: Config,
+    upgrade: bool,
+    extra: impl FnOnce(&mut Server),
+) -> Result<Server, BuildError> {
     // One TLS crypto provider for the whole process (rediss:// connections), chosen explicitly
     // rather than by whichever crate features happen to be enabled.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -62,9 +67,16 @@ pub fn build_server(config: Config, extra: impl FnOnce(&mut Server)) -> Result<S
         threads: config.server.threads,
         grace_period_seconds: Some(grace),
         graceful_shutdown_timeout_seconds: Some(grace + 5),
+        upgrade_sock: config.server.upgrade_sock.display().to_string(),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    // With `upgrade`, bootstrap takes the listening sockets from the running process that got
+    // SIGQUIT, through the upgrade socket.
+    let opt = Opt {
+        upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     server.bootstrap();
 
     let metrics = Arc::new(metrics::Metrics::new()?);

@@ -4,13 +4,24 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use get2dial_gateway::config::Config;
+use get2dial_gateway::config::{Config, LogFormat};
 use get2dial_gateway::{build_server, demo};
 use pingora::services::listening::Service;
 
 /// Edge gateway on Pingora that answers every error with the Get2Dial envelope.
 #[derive(Parser)]
-#[command(name = "get2dial-gateway", version, about, long_about = None)]
+#[command(
+    name = "get2dial-gateway",
+    version,
+    about,
+    long_about = "Edge gateway on Pingora in front of the Get2Dial control plane.\n\n\
+        Every error that leaves it is {\"status\":\"error\",\"message\":\"...\"} with the right \
+        status code; it checks tokens, enforces the login lockout and rate limits, and exports \
+        Prometheus metrics on its admin port.\n\n\
+        Signals: SIGHUP reloads the configuration (also POST /-/reload on the admin port), \
+        SIGTERM shuts down gracefully, SIGQUIT hands the listening sockets to a new process \
+        started with --upgrade (zero-downtime upgrade)."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -19,12 +30,22 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway with the given configuration file.
+    ///
+    /// Listens on [server] listen (public) and admin_listen (/metrics, /healthz, /readyz,
+    /// POST /-/reload). Exit code 2 when the file is invalid; the error names the file and key.
     Run {
         /// Path of the TOML configuration file.
         #[arg(long, short)]
         config: PathBuf,
+        /// Take over the listening sockets of a running gateway that received SIGQUIT.
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Validate a configuration file and print its routes, without starting anything.
+    ///
+    /// Reads the secrets and files it names (JWT secrets, node-key digests, CA files) as `run`
+    /// would, prints each route as the gateway understands it, and exits 0, or 2 with
+    /// `FILE: KEY: problem`.
     CheckConfig {
         /// Path of the TOML configuration file.
         config: PathBuf,
@@ -38,19 +59,25 @@ enum Command {
     },
 }
 
-fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+/// Logs to stderr at `level` (`RUST_LOG` overrides it), as JSON lines or text.
+fn init_logging(level: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
 
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (config_path, demo) = match cli.command {
-        Command::Run { config } => (config, false),
-        Command::Demo { config } => (config, true),
+    let (config_path, demo, upgrade) = match cli.command {
+        Command::Run { config, upgrade } => (config, false, upgrade),
+        Command::Demo { config } => (config, true, false),
         Command::CheckConfig { config } => return check_config(&config),
     };
     let config = match Config::load(&config_path) {
@@ -60,6 +87,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    init_logging(&config.log.level, config.log.format);
     let stand_in = match (demo, &config.jwt) {
         (false, _) => None,
         (true, Some(jwt)) => Some((config.upstreams[0].servers[0], demo::StandIn::new(jwt))),
@@ -77,7 +105,7 @@ fn main() -> ExitCode {
         config.server.admin_listen,
         config.routes.len(),
     );
-    let server = build_server(config.clone(), |server| {
+    let server = build_server(config.clone(), upgrade, |server| {
         if let Some((addr, app)) = stand_in {
             let mut svc = Service::new("demo stand-in".to_string(), app);
             svc.add_tcp(&addr.to_string());
@@ -107,26 +135,7 @@ fn main() -> ExitCode {
 fn check_config(path: &std::path::Path) -> ExitCode {
     match Config::load(path) {
         Ok(c) => {
-            println!("{}: ok", path.display());
-            println!(
-                "listen {}  admin {}",
-                c.server.listen, c.server.admin_listen
-            );
-            for r in &c.routes {
-                let methods = if r.methods.is_empty() {
-                    "ANY".to_string()
-                } else {
-                    r.methods
-                        .iter()
-                        .map(|m| m.as_str())
-                        .collect::<Vec<_>>()
-                        .join(",")
-                };
-                println!(
-                    "route {:<16} {:<28} {:<16} -> {}",
-                    r.name, r.path_prefix, methods, c.upstreams[r.upstream].name
-                );
-            }
+            print!("{}", describe(&c));
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -134,6 +143,79 @@ fn check_config(path: &std::path::Path) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// The configuration as the gateway understands it: routes most specific first, as matched.
+fn describe(c: &Config) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "{}: ok", c.path.display());
+    let _ = writeln!(
+        out,
+        "listen {}  admin {}  threads {}  store {}",
+        c.server.listen,
+        c.server.admin_listen,
+        c.server.threads,
+        if c.redis.is_some() { "redis" } else { "memory" }
+    );
+    for u in &c.upstreams {
+        let servers: Vec<String> = u.servers.iter().map(|s| s.to_string()).collect();
+        let _ = writeln!(
+            out,
+            "upstream {:<14} {}  connect {:?} read {:?}{}",
+            u.name,
+            servers.join(","),
+            u.connect_timeout,
+            u.read_timeout,
+            u.health_check_interval
+                .map(|i| format!("  health check every {i:?}"))
+                .unwrap_or_default()
+        );
+    }
+    let mut routes: Vec<_> = c.routes.iter().collect();
+    routes.sort_by_key(|r| std::cmp::Reverse(r.path_prefix.len()));
+    for r in routes {
+        let methods = if r.methods.is_empty() {
+            "ANY".to_string()
+        } else {
+            let m: Vec<&str> = r.methods.iter().map(|m| m.as_str()).collect();
+            m.join(",")
+        };
+        let mut extras = vec![format!("auth={}", r.auth.as_str())];
+        if let Some(role) = r.min_role {
+            extras.push(format!("min_role={}", role.as_str()));
+        }
+        if !r.allow_networks.is_empty() {
+            let n: Vec<String> = r.allow_networks.iter().map(|n| n.to_string()).collect();
+            extras.push(format!("networks={}", n.join(",")));
+        }
+        if let Some(keys) = &r.node_keys {
+            extras.push(format!("node_keys={}", keys.len()));
+        }
+        for p in &r.rate_limits {
+            extras.push(format!(
+                "limit={}:{}/{:?}x{}",
+                p.limit.name,
+                p.key.as_str(),
+                p.limit.interval,
+                p.limit.burst
+            ));
+        }
+        if r.login_guard {
+            extras.push("login_guard".into());
+        }
+        extras.push(format!("max_body={}", r.max_body_bytes));
+        let _ = writeln!(
+            out,
+            "route {:<16} {:<28} {:<10} -> {:<10} {}",
+            r.name,
+            r.path_prefix,
+            methods,
+            c.upstreams[r.upstream].name,
+            extras.join(" ")
+        );
+    }
+    out
 }
 
 fn print_demo_help(config: &Config, stand_in: std::net::SocketAddr) {

@@ -72,6 +72,8 @@ pub struct Ctx {
     login: Option<(String, Ticket)>,
     /// The upstream's status, once its header arrived.
     upstream_status: Option<u16>,
+    /// How authentication went, for the access log: `none`, `ok` or the rejection reason.
+    auth: &'static str,
 }
 
 #[async_trait]
@@ -93,6 +95,7 @@ impl ProxyHttp for Gateway {
             rate_headers: Vec::new(),
             login: None,
             upstream_status: None,
+            auth: "none",
         }
     }
 
@@ -101,8 +104,14 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let state = ctx.state.clone();
 
-        // 1. Request id: keep a sane one, otherwise make one.
+        // 1. Request id: keep a sane one, otherwise make one. And who is asking, for the log,
+        //    the network gate and the rate limits.
         ctx.request_id = request_id::take_or_make(session.req_header());
+        ctx.client_ip = peer_ip(session).map(|peer| {
+            state
+                .trusted_proxies
+                .client(peer, &session.req_header().headers)
+        });
 
         // 2. Route.
         let req = session.req_header();
@@ -141,11 +150,7 @@ impl ProxyHttp for Gateway {
             return self.reject(session, ctx, 413, None, &[]).await;
         }
         // 4. Network gate.
-        ctx.client_ip = peer_ip(session).map(|peer| {
-            state
-                .trusted_proxies
-                .client(peer, &session.req_header().headers)
-        });
+
         if let Some(gate) = &route.gate {
             if !ctx.client_ip.is_some_and(|ip| gate.allows(ip)) {
                 return self.refuse(session, ctx, Rejection::Network).await;
@@ -154,7 +159,12 @@ impl ProxyHttp for Gateway {
 
         // 5. Authenticate.
         match authenticate(&state, session, &route) {
-            Ok(identity) => ctx.identity = identity,
+            Ok(identity) => {
+                if route.auth != Mode::Public {
+                    ctx.auth = "ok";
+                }
+                ctx.identity = identity;
+            }
             Err(rejection) => return self.refuse(session, ctx, rejection).await,
         }
 
@@ -460,6 +470,28 @@ impl ProxyHttp for Gateway {
                 .with_label_values(&[route, &status_label])
                 .inc();
         }
+        if ctx.state.access_log {
+            let upstream = ctx
+                .route
+                .as_ref()
+                .filter(|_| ctx.tries > 0)
+                .and_then(|r| ctx.state.pool(r))
+                .map_or("", |p| p.name.as_str());
+            // The path only: a query may carry a token (`?token=` on WebSocket routes).
+            tracing::info!(
+                target: "access",
+                request_id = %ctx.request_id,
+                route,
+                method = %session.req_header().method,
+                path = session.req_header().uri.path(),
+                status,
+                upstream,
+                duration_ms = ctx.start.elapsed().as_secs_f64() * 1000.0,
+                bytes = session.body_bytes_sent(),
+                client_ip = %ctx.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+                auth = ctx.auth,
+            );
+        }
     }
 }
 
@@ -480,7 +512,13 @@ impl Gateway {
 
     /// Answers a refused caller: 401 with `WWW-Authenticate: Bearer`, or 403. The reason goes
     /// to the metrics and the debug log only.
-    async fn refuse(&self, session: &mut Session, ctx: &Ctx, rejection: Rejection) -> Result<bool> {
+    async fn refuse(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        rejection: Rejection,
+    ) -> Result<bool> {
+        ctx.auth = rejection.label();
         let route = ctx.route.as_ref().map_or(UNMATCHED, |r| r.name.as_str());
         self.metrics
             .auth_rejections

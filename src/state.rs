@@ -30,6 +30,8 @@ pub struct State {
     pub trusted_proxies: TrustedProxies,
     /// Send rate-limit headers on allowed answers.
     pub rate_headers_on_success: bool,
+    /// Write one access-log line per request.
+    pub access_log: bool,
 }
 
 impl State {
@@ -64,6 +66,7 @@ impl State {
             identity_headers: config.identity_headers.clone(),
             trusted_proxies: TrustedProxies::new(config.server.trusted_proxies.clone()),
             rate_headers_on_success: config.limits.headers_on_success,
+            access_log: config.log.access_log,
         })
     }
 
