@@ -8,6 +8,7 @@ command -v cmake >/dev/null 2>&1 || need+=(cmake)        # building pingora
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)  # tests start their own
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)      # promtool checks the rules and a scrape
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2

@@ -29,6 +29,8 @@ pub struct Gateway {
     pub addr: SocketAddr,
     /// Admin listener.
     pub admin: SocketAddr,
+    /// The `[server]` section it was started with, to write a new config for a reload.
+    server_block: String,
     _dir: tempfile::TempDir,
 }
 
@@ -52,31 +54,34 @@ impl Gateway {
     ) -> Gateway {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let text = format!(
+        let server_block = format!(
             "[server]\nlisten = \"{addr}\"\nadmin_listen = \"{admin}\"\nthreads = 2\n\
              shutdown_grace_seconds = 0\nclient_body_timeout_ms = 400\n\
-             watch_interval_ms = 100\n{server}\n\n{rest}"
+             watch_interval_ms = 100\n{server}\n"
         );
+        let text = format!("{server_block}\n{rest}");
         let dir = tempfile::tempdir().unwrap();
         for (name, contents) in files {
             std::fs::write(dir.path().join(name), contents).unwrap();
         }
         let path = dir.path().join("gateway.toml");
         std::fs::write(&path, text).unwrap();
+        let log = std::fs::File::create(dir.path().join("gateway.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_get2dial-gateway"))
             .args(["run", "--config"])
             .arg(&path)
-            .envs(env.iter().copied())
             .env(
                 "RUST_LOG",
                 std::env::var("G2D_TEST_GATEWAY_LOG").unwrap_or_else(|_| "error".into()),
             )
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
-            // G2D_TEST_GATEWAY_LOG=<level> shows the gateway's own log when a test needs debugging.
+            // The gateway's log goes to gateway.log next to its config (`Gateway::log`);
+            // G2D_TEST_GATEWAY_LOG=<level> shows it on the terminal instead.
             .stderr(if std::env::var_os("G2D_TEST_GATEWAY_LOG").is_some() {
                 Stdio::inherit()
             } else {
-                Stdio::null()
+                Stdio::from(log)
             })
             .spawn()
             .expect("start the gateway binary");
@@ -84,6 +89,7 @@ impl Gateway {
             child,
             addr,
             admin,
+            server_block,
             _dir: dir,
         };
         gw.wait_ready();
@@ -149,6 +155,32 @@ impl Gateway {
     /// The config directory (files written next to the config live here).
     pub fn dir(&self) -> &std::path::Path {
         self._dir.path()
+    }
+
+    /// Replaces the config file with the same `[server]` section and `rest` (for a reload).
+    pub fn rewrite_config(&self, rest: &str) {
+        let text = format!("{}\n{rest}", self.server_block);
+        std::fs::write(self.dir().join("gateway.toml"), text).unwrap();
+    }
+
+    /// Sends a signal (`HUP`, `TERM`, `QUIT`, ...) to the gateway process.
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{name} failed");
+    }
+
+    /// The gateway's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir().join("gateway.log")).unwrap_or_default()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// True while the process runs.
@@ -270,6 +302,12 @@ impl Conn {
         self.write(raw);
         let head_only = raw.starts_with(b"HEAD ");
         self.read(head_only).expect("read response")
+    }
+
+    /// Sends `raw` and reads one response, reporting failures.
+    pub fn try_send(&mut self, raw: &[u8]) -> std::io::Result<Response> {
+        self.reader.get_mut().write_all(raw)?;
+        self.read(raw.starts_with(b"HEAD "))
     }
 
     /// True when the server closed the connection (read returns EOF).
