@@ -374,6 +374,21 @@ pub struct FileServer {
     /// Unix socket through which a new process takes over the listeners (graceful upgrade).
     #[serde(default = "default_upgrade_sock")]
     pub upgrade_sock: PathBuf,
+    /// Largest request head (request line and headers) answered normally; larger gets 431.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// Most request headers answered normally; more gets 431.
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
+}
+
+/// Well below Pingora's own 1 MiB limit, whose answer is a bare 400.
+fn default_max_header_bytes() -> usize {
+    32 * 1024
+}
+/// Below Pingora's own limit of 256 headers.
+fn default_max_headers() -> usize {
+    100
 }
 
 fn default_upgrade_sock() -> PathBuf {
@@ -391,6 +406,8 @@ impl Default for FileServer {
             watch_interval_ms: default_watch_interval(),
             trusted_proxies: Vec::new(),
             upgrade_sock: default_upgrade_sock(),
+            max_header_bytes: default_max_header_bytes(),
+            max_headers: default_max_headers(),
         }
     }
 }
@@ -585,6 +602,10 @@ pub struct Server {
     pub trusted_proxies: Vec<IpNet>,
     /// Graceful-upgrade socket.
     pub upgrade_sock: PathBuf,
+    /// Largest request head answered normally.
+    pub max_header_bytes: usize,
+    /// Most request headers answered normally.
+    pub max_headers: usize,
 }
 
 /// Validated `[[upstreams]]` entry.
@@ -740,6 +761,24 @@ impl Validator<'_> {
                 .map(|(i, n)| self.network(&format!("server.trusted_proxies[{i}]"), n))
                 .collect::<Result<Vec<_>, _>>()?,
             upgrade_sock: self.relative(&s.upgrade_sock),
+            max_header_bytes: match s.max_header_bytes {
+                1024..=1_000_000 => s.max_header_bytes,
+                _ => {
+                    return Err(self.err(
+                        "server.max_header_bytes",
+                        "must be between 1024 and 1000000 (Pingora refuses heads over 1 MiB with a bare 400)",
+                    ))
+                }
+            },
+            max_headers: match s.max_headers {
+                8..=250 => s.max_headers,
+                _ => {
+                    return Err(self.err(
+                        "server.max_headers",
+                        "must be between 8 and 250 (Pingora refuses more than 256 with a bare 400)",
+                    ))
+                }
+            },
         };
         if server.listen == server.admin_listen {
             return Err(self.err(

@@ -113,7 +113,20 @@ impl ProxyHttp for Gateway {
                 .client(peer, &session.req_header().headers)
         });
 
-        // 2. Route.
+        // 2. Head size, before anything reads it further.
+        let req = session.req_header();
+        let head_bytes = req.uri.path_and_query().map_or(0, |p| p.as_str().len())
+            + req
+                .headers
+                .iter()
+                .map(|(k, v)| k.as_str().len() + v.len() + 4)
+                .sum::<usize>();
+        if head_bytes > state.max_header_bytes || req.headers.len() > state.max_headers {
+            session.set_keepalive(None);
+            return self.reject(session, ctx, 431, None, &[]).await;
+        }
+
+        // 3. Route.
         let req = session.req_header();
         let route = match state.routes.find(&req.method, req.uri.path()) {
             Match::Found(route) => route.clone(),
@@ -134,7 +147,7 @@ impl ProxyHttp for Gateway {
         };
         ctx.route = Some(route.clone());
 
-        // 3. Size: refuse an announced oversized body before reading any of it.
+        // 4. Size: refuse an announced oversized body before reading any of it.
         let announced = session
             .req_header()
             .headers
@@ -149,7 +162,7 @@ impl ProxyHttp for Gateway {
             }
             return self.reject(session, ctx, 413, None, &[]).await;
         }
-        // 4. Network gate.
+        // 5. Network gate.
 
         if let Some(gate) = &route.gate {
             if !ctx.client_ip.is_some_and(|ip| gate.allows(ip)) {
@@ -157,7 +170,7 @@ impl ProxyHttp for Gateway {
             }
         }
 
-        // 5. Authenticate.
+        // 6. Authenticate.
         match authenticate(&state, session, &route) {
             Ok(identity) => {
                 if route.auth != Mode::Public {
@@ -168,7 +181,7 @@ impl ProxyHttp for Gateway {
             Err(rejection) => return self.refuse(session, ctx, rejection).await,
         }
 
-        // 6. Authorize.
+        // 7. Authorize.
         if let Some(identity) = &ctx.identity {
             if route.min_role.is_some_and(|min| identity.role < min) {
                 return self.refuse(session, ctx, Rejection::InsufficientRole).await;
@@ -180,7 +193,7 @@ impl ProxyHttp for Gateway {
             }
         }
 
-        // 7. Rate limits.
+        // 8. Rate limits.
         for policy in &route.rate_limits {
             let key = match (policy.key, &ctx.identity) {
                 (KeyKind::Ip, _) => ctx.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
@@ -222,7 +235,7 @@ impl ProxyHttp for Gateway {
 
         session.set_read_timeout(Some(state.client_body_timeout));
 
-        // 8. Login guard: a strict body, then a reserved guess or the lock.
+        // 9. Login guard: a strict body, then a reserved guess or the lock.
         if let Some(policy) = &route.login {
             if session.req_header().method == http::Method::POST {
                 let cap = route.max_body_bytes.min(LOGIN_BODY_CAP);

@@ -32,6 +32,10 @@ pub struct State {
     pub rate_headers_on_success: bool,
     /// Write one access-log line per request.
     pub access_log: bool,
+    /// Largest request head answered normally (431 above).
+    pub max_header_bytes: usize,
+    /// Most request headers answered normally (431 above).
+    pub max_headers: usize,
 }
 
 impl State {
@@ -67,6 +71,8 @@ impl State {
             trusted_proxies: TrustedProxies::new(config.server.trusted_proxies.clone()),
             rate_headers_on_success: config.limits.headers_on_success,
             access_log: config.log.access_log,
+            max_header_bytes: config.server.max_header_bytes,
+            max_headers: config.server.max_headers,
         })
     }
 

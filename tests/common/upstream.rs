@@ -210,7 +210,11 @@ fn login(req: &Req, w: &mut TcpStream) -> bool {
 fn respond(req: &Req, w: &mut TcpStream) -> bool {
     let json = [("Content-Type", "application/json")];
     let path = req.path.split('?').next().unwrap_or("");
-    let path = path.strip_prefix("/u").unwrap_or(path);
+    // Routes under test are mounted at /u/ (plain), /a/ (token) and /l/ (login guard).
+    let path = ["/u", "/a", "/l"]
+        .iter()
+        .find_map(|p| path.strip_prefix(p).filter(|rest| rest.starts_with('/')))
+        .unwrap_or(path);
     match path {
         "/ok" | "/api/ok" => simple(w, "200 OK", &json, br#"{"status":"success","data":{"id":1}}"#),
         "/created" => simple(w, "201 Created", &json, br#"{"status":"success","data":{"id":2}}"#),
@@ -316,6 +320,30 @@ fn respond(req: &Req, w: &mut TcpStream) -> bool {
             false
         }
         "/close-before-headers" => false,
+        "/invalid-headers" => {
+            let _ = w.write_all(b"HTTP/1.1 200 OK\r\nthis line is no header\r\nContent-Length: 2\r\n\r\nok");
+            false
+        }
+        "/oversized-headers" => {
+            let mut head = b"HTTP/1.1 200 OK\r\nX-Huge: ".to_vec();
+            head.extend(std::iter::repeat_n(b'a', 2 * 1024 * 1024));
+            head.extend_from_slice(b"\r\nContent-Length: 2\r\n\r\nok");
+            let _ = w.write_all(&head);
+            false
+        }
+        "/premature-eof" => {
+            let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 1000\r\n\r\n");
+            let _ = w.write_all(&pattern(100));
+            false
+        }
+        "/keepalive-then-close" => {
+            // Answers as if the connection stayed open, then closes it: the gateway's pool
+            // holds a dead connection for the next request.
+            let ok = simple(w, "200 OK", &[("Content-Type", "application/json"), ("Connection", "keep-alive")], br#"{"status":"success"}"#);
+            thread::sleep(Duration::from_millis(20));
+            let _ = ok;
+            false
+        }
         "/garbage" => {
             let _ = w.write_all(b"SSH-2.0-OpenSSH_9.2\r\nthis is not http\r\n\r\n");
             false
