@@ -56,8 +56,8 @@ impl Gateway {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let server_block = format!(
             "[server]\nlisten = \"{addr}\"\nadmin_listen = \"{admin}\"\nthreads = 2\n\
-             shutdown_grace_seconds = 0\nclient_body_timeout_ms = 400\n\
-             watch_interval_ms = 100\n{server}\n"
+             client_body_timeout_ms = 400\nwatch_interval_ms = 100\n\
+             upgrade_sock = \"upgrade.sock\"\n{server}\n"
         );
         let text = format!("{server_block}\n{rest}");
         let dir = tempfile::tempdir().unwrap();
@@ -181,6 +181,32 @@ impl Gateway {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Starts a second process on the same configuration with `--upgrade`: it waits for this
+    /// one's listening sockets, which this one hands over on SIGQUIT.
+    pub fn spawn_upgrade(&self) -> Child {
+        let log = std::fs::File::create(self.dir().join("upgrade.log")).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_get2dial-gateway"))
+            .args(["run", "--upgrade", "--config"])
+            .arg(self.dir().join("gateway.toml"))
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start the upgrade process")
+    }
+
+    /// Waits up to `limit` for the process to exit; its exit status if it did.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// True while the process runs.
