@@ -9,6 +9,9 @@ command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)  # tests start their own
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)      # promtool checks the rules and a scrape
+command -v chromium >/dev/null 2>&1 || need+=(chromium)        # the browser CORS test
+command -v curl >/dev/null 2>&1 || need+=(curl)                # HTTP/2 over TLS with curl
+command -v wrk >/dev/null 2>&1 || need+=(wrk)                  # soak and load benchmarks
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2

@@ -81,6 +81,136 @@ pub struct FileConfig {
     /// `[log]`: log level and format.
     #[serde(default)]
     pub log: FileLog,
+    /// `[tls]`: a TLS listener.
+    #[serde(default)]
+    pub tls: Option<FileTls>,
+    /// `[cors]`: cross-origin access for browsers.
+    #[serde(default)]
+    pub cors: Option<FileCors>,
+    /// `[security]`: headers set or removed at the edge.
+    #[serde(default)]
+    pub security: FileSecurity,
+}
+
+/// `[tls]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTls {
+    /// TLS listener address.
+    pub listen: String,
+    /// Certificates; the first is the default when SNI matches none.
+    pub certificates: Vec<FileCert>,
+    /// Offer HTTP/2 by ALPN (HTTP/1.1 always).
+    #[serde(default = "default_true")]
+    pub http2: bool,
+    /// What the plain listener does: `serve`, or `redirect` (308 to https).
+    #[serde(default)]
+    pub plain: PlainMode,
+}
+
+/// What the plain-HTTP listener does when TLS is configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PlainMode {
+    /// Serve requests as usual.
+    #[default]
+    Serve,
+    /// Answer 308 with the https URL.
+    Redirect,
+}
+
+/// One `[[tls.certificates]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCert {
+    /// PEM chain.
+    pub cert_file: PathBuf,
+    /// PEM key.
+    pub key_file: PathBuf,
+    /// Names chosen by SNI (`*.example.com` allowed).
+    #[serde(default)]
+    pub server_names: Vec<String>,
+}
+
+/// `[cors]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCors {
+    /// Exact origins allowed (`https://app.get2dial.com`).
+    pub allowed_origins: Vec<String>,
+    /// Methods a browser may use.
+    #[serde(default = "default_cors_methods")]
+    pub allowed_methods: Vec<String>,
+    /// Request headers a browser may send.
+    #[serde(default = "default_cors_headers")]
+    pub allowed_headers: Vec<String>,
+    /// Response headers browser code may read.
+    #[serde(default = "default_cors_expose")]
+    pub expose_headers: Vec<String>,
+    /// How long a preflight answer may be cached.
+    #[serde(default = "default_cors_max_age")]
+    pub max_age_seconds: u64,
+    /// Allow cookies and credentials.
+    #[serde(default)]
+    pub allow_credentials: bool,
+}
+
+fn default_cors_methods() -> Vec<String> {
+    ["GET", "POST", "PUT", "PATCH", "DELETE"]
+        .map(String::from)
+        .to_vec()
+}
+fn default_cors_headers() -> Vec<String> {
+    ["Authorization", "Content-Type", "X-Request-Id"]
+        .map(String::from)
+        .to_vec()
+}
+fn default_cors_expose() -> Vec<String> {
+    [
+        "X-Request-Id",
+        "Retry-After",
+        "RateLimit",
+        "RateLimit-Policy",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+fn default_cors_max_age() -> u64 {
+    600
+}
+
+/// `[security]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSecurity {
+    /// `Strict-Transport-Security` on answers over TLS; empty disables it.
+    #[serde(default = "default_hsts")]
+    pub hsts: String,
+    /// `X-Content-Type-Options: nosniff` on every envelope.
+    #[serde(default = "default_true")]
+    pub nosniff: bool,
+    /// Upstream response headers removed at the edge.
+    #[serde(default = "default_removed_headers")]
+    pub remove_response_headers: Vec<String>,
+}
+
+impl Default for FileSecurity {
+    fn default() -> Self {
+        FileSecurity {
+            hsts: default_hsts(),
+            nosniff: true,
+            remove_response_headers: default_removed_headers(),
+        }
+    }
+}
+
+fn default_hsts() -> String {
+    "max-age=31536000; includeSubDomains".into()
+}
+fn default_removed_headers() -> Vec<String> {
+    ["Server", "X-Powered-By", "X-AspNet-Version", "X-Runtime"]
+        .map(String::from)
+        .to_vec()
 }
 
 /// Log line format.
@@ -456,6 +586,18 @@ pub struct FileUpstream {
     /// Interval of the TCP health check; absent means every server counts as healthy.
     #[serde(default)]
     pub health_check_interval_ms: Option<u64>,
+    /// Speak TLS to the servers.
+    #[serde(default)]
+    pub tls: bool,
+    /// Name for SNI and certificate verification (default: none, so verification needs it).
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// PEM CA bundle to verify the servers with, instead of the system roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Verify the servers' certificates; turning it off is logged as a warning at start.
+    #[serde(default = "default_true")]
+    pub verify_certificate: bool,
 }
 
 fn default_connect_timeout() -> u64 {
@@ -541,6 +683,53 @@ pub struct Config {
     pub redis: Option<crate::store::redis::Settings>,
     /// Log settings.
     pub log: FileLog,
+    /// The TLS listener, if any.
+    pub tls: Option<Tls>,
+    /// Cross-origin settings, if any.
+    pub cors: Option<Cors>,
+    /// Edge security headers.
+    pub security: Security,
+}
+
+/// Validated `[tls]`.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    /// Listener address.
+    pub listen: SocketAddr,
+    /// The certificates (loaded; an SNI resolver).
+    pub certificates: Arc<crate::tls::Certificates>,
+    /// Offer HTTP/2.
+    pub http2: bool,
+    /// What the plain listener does.
+    pub plain: PlainMode,
+}
+
+/// Validated `[cors]`.
+#[derive(Debug, Clone)]
+pub struct Cors {
+    /// Allowed origins, exactly as browsers send them.
+    pub origins: Vec<String>,
+    /// `Access-Control-Allow-Methods`.
+    pub methods: http::HeaderValue,
+    /// `Access-Control-Allow-Headers`.
+    pub headers: http::HeaderValue,
+    /// `Access-Control-Expose-Headers`.
+    pub expose: http::HeaderValue,
+    /// `Access-Control-Max-Age`.
+    pub max_age: http::HeaderValue,
+    /// `Access-Control-Allow-Credentials: true`.
+    pub credentials: bool,
+}
+
+/// Validated `[security]`.
+#[derive(Debug, Clone)]
+pub struct Security {
+    /// HSTS value for TLS answers.
+    pub hsts: Option<http::HeaderValue>,
+    /// nosniff on envelopes.
+    pub nosniff: bool,
+    /// Upstream headers removed.
+    pub remove_response_headers: Vec<HeaderName>,
 }
 
 /// Validated `[lockout]`.
@@ -625,6 +814,19 @@ pub struct Upstream {
     pub idle_timeout: Duration,
     /// Health check interval, if any.
     pub health_check_interval: Option<Duration>,
+    /// TLS to the servers, when configured.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// Validated upstream TLS.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    /// SNI and the name verified.
+    pub sni: String,
+    /// DER CA certificates; `None` uses the system roots.
+    pub ca: Option<Vec<Vec<u8>>>,
+    /// Verify certificate and host name.
+    pub verify: bool,
 }
 
 /// Validated `[[routes]]` entry.
@@ -818,6 +1020,7 @@ impl Validator<'_> {
                     .health_check_interval_ms
                     .map(|ms| self.millis(&key("health_check_interval_ms"), ms))
                     .transpose()?,
+                tls: self.upstream_tls(i, u)?,
             });
         }
 
@@ -1006,6 +1209,12 @@ impl Validator<'_> {
                 format!("`{}` is not a level or tracing filter", file.log.level),
             ));
         }
+        let tls = match &file.tls {
+            None => None,
+            Some(t) => Some(self.tls(t, server.listen, server.admin_listen)?),
+        };
+        let cors = file.cors.as_ref().map(|c| self.cors(c)).transpose()?;
+        let security = self.security(&file.security)?;
         let redis = match file.store.kind {
             StoreKind::Memory => None,
             StoreKind::Redis => Some(self.redis(&file.store)?),
@@ -1022,6 +1231,127 @@ impl Validator<'_> {
             limits,
             redis,
             log: file.log.clone(),
+            tls,
+            cors,
+            security,
+        })
+    }
+
+    fn upstream_tls(&self, i: usize, u: &FileUpstream) -> Result<Option<UpstreamTls>, ConfigError> {
+        let key = |k: &str| format!("upstreams[{i}].{k}");
+        if !u.tls {
+            for (set, k) in [(u.sni.is_some(), "sni"), (u.ca_file.is_some(), "ca_file")] {
+                if set {
+                    return Err(self.err(key(k), "needs tls = true"));
+                }
+            }
+            return Ok(None);
+        }
+        let sni = u.sni.clone().unwrap_or_default();
+        if u.verify_certificate && sni.is_empty() {
+            return Err(self.err(key("sni"), "required to verify the servers' certificates"));
+        }
+        let ca = match &u.ca_file {
+            None => None,
+            Some(f) => Some(
+                crate::tls::load_ca_bundle(&self.relative(f))
+                    .map_err(|e| self.err(key("ca_file"), e))?,
+            ),
+        };
+        Ok(Some(UpstreamTls {
+            sni,
+            ca,
+            verify: u.verify_certificate,
+        }))
+    }
+
+    fn tls(&self, t: &FileTls, listen: SocketAddr, admin: SocketAddr) -> Result<Tls, ConfigError> {
+        let addr = self.addr("tls.listen", &t.listen)?;
+        if addr == listen || addr == admin {
+            return Err(self.err(
+                "tls.listen",
+                "must differ from server.listen and server.admin_listen",
+            ));
+        }
+        if t.certificates.is_empty() {
+            return Err(self.err("tls.certificates", "at least one certificate is required"));
+        }
+        let sources: Vec<crate::tls::CertSource> = t
+            .certificates
+            .iter()
+            .map(|c| crate::tls::CertSource {
+                cert_file: self.relative(&c.cert_file),
+                key_file: self.relative(&c.key_file),
+                server_names: c.server_names.clone(),
+            })
+            .collect();
+        let certificates =
+            crate::tls::Certificates::load(sources).map_err(|e| self.err("tls.certificates", e))?;
+        Ok(Tls {
+            listen: addr,
+            certificates: Arc::new(certificates),
+            http2: t.http2,
+            plain: t.plain,
+        })
+    }
+
+    fn cors(&self, c: &FileCors) -> Result<Cors, ConfigError> {
+        for (i, o) in c.allowed_origins.iter().enumerate() {
+            let ok = (o.starts_with("https://") || o.starts_with("http://"))
+                && !o.ends_with('/')
+                && http::HeaderValue::from_str(o).is_ok()
+                && o != "*";
+            if !ok {
+                return Err(self.err(
+                    format!("cors.allowed_origins[{i}]"),
+                    format!("`{o}` must be an origin such as https://app.get2dial.com (scheme, host, optional port; no path, no `*`)"),
+                ));
+            }
+        }
+        let list = |key: &str, items: &[String], check: fn(&str) -> bool| {
+            for (i, m) in items.iter().enumerate() {
+                if !check(m) {
+                    return Err(self.err(
+                        format!("cors.{key}[{i}]"),
+                        format!("`{m}` is not valid here"),
+                    ));
+                }
+            }
+            http::HeaderValue::from_str(&items.join(", "))
+                .map_err(|_| self.err(format!("cors.{key}"), "not a valid header value"))
+        };
+        let token = |s: &str| !s.is_empty() && HeaderName::from_bytes(s.as_bytes()).is_ok();
+        Ok(Cors {
+            origins: c.allowed_origins.clone(),
+            methods: list("allowed_methods", &c.allowed_methods, |m| {
+                Method::from_bytes(m.as_bytes()).is_ok() && !m.is_empty()
+            })?,
+            headers: list("allowed_headers", &c.allowed_headers, token)?,
+            expose: list("expose_headers", &c.expose_headers, token)?,
+            max_age: http::HeaderValue::from(c.max_age_seconds),
+            credentials: c.allow_credentials,
+        })
+    }
+
+    fn security(&self, s: &FileSecurity) -> Result<Security, ConfigError> {
+        let hsts = if s.hsts.is_empty() {
+            None
+        } else {
+            Some(
+                http::HeaderValue::from_str(&s.hsts)
+                    .map_err(|_| self.err("security.hsts", "not a valid header value"))?,
+            )
+        };
+        let remove_response_headers = s
+            .remove_response_headers
+            .iter()
+            .enumerate()
+            .map(|(i, h)| self.header_name(&format!("security.remove_response_headers[{i}]"), h))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Security {
+            hsts,
+            nosniff: s.nosniff,
+            remove_response_headers,
         })
     }
 

@@ -149,7 +149,7 @@ pub async fn respond(
         resp.insert_header(REQUEST_ID, request_id)?;
     }
     for (name, value) in extra {
-        resp.insert_header(name.clone(), value.clone())?;
+        resp.append_header(name.clone(), value.clone())?;
     }
     let head_only = session.req_header().method == http::Method::HEAD;
     session

@@ -20,11 +20,13 @@ pub mod rewrite;
 pub mod routes;
 pub mod state;
 pub mod store;
+pub mod tls;
 pub mod upstreams;
 
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use pingora::listeners::tls::TlsSettings;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
@@ -41,6 +43,9 @@ pub enum BuildError {
     /// The Redis client could not be set up.
     #[error("{0}")]
     Redis(String),
+    /// The TLS listener could not be set up.
+    #[error("tls: {0}")]
+    Tls(String),
     /// An upstream could not be set up.
     #[error("{file}: upstreams: {source}")]
     Upstream {
@@ -134,6 +139,13 @@ pub fn build_server(
     };
     let gateway = proxy::Gateway::new(state.clone(), metrics.clone(), store);
     let listen = config.server.listen.to_string();
+    let tls = config.tls.clone();
+    let watch_interval = config.server.watch_interval;
+    for u in &config.upstreams {
+        if u.tls.as_ref().is_some_and(|t| !t.verify) {
+            tracing::warn!(upstream = %u.name, "TLS certificate verification is OFF for this upstream");
+        }
+    }
     let admin_listen = config.server.admin_listen.to_string();
     let reloader = Arc::new(reload::Reloader::new(
         config,
@@ -152,6 +164,19 @@ pub fn build_server(
         "get2dial-gateway",
     );
     proxy.add_tcp(&listen);
+    if let Some(tls) = &tls {
+        let mut settings =
+            TlsSettings::intermediate("", "").map_err(|e| BuildError::Tls(e.to_string()))?;
+        settings.set_cert_resolver(tls.certificates.clone());
+        if tls.http2 {
+            settings.enable_h2();
+        }
+        proxy.add_tls_with_settings(&tls.listen.to_string(), None, settings);
+        server.add_service(background_service(
+            "certificate watcher",
+            crate::tls::Watcher::new(tls.certificates.clone(), watch_interval),
+        ));
+    }
     server.add_service(proxy);
 
     let admin_app = admin::Admin::new(metrics, health, reloader);

@@ -14,7 +14,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorSource, ErrorType};
 
 use crate::auth::{self, node_key, Identity, Mode, Rejection, Role};
-use crate::config::LOGIN_BODY_CAP;
+use crate::config::{Cors, LOGIN_BODY_CAP};
 use crate::envelope;
 use crate::limits::lockout;
 use crate::limits::ratelimit::{self, KeyKind};
@@ -74,6 +74,12 @@ pub struct Ctx {
     upstream_status: Option<u16>,
     /// How authentication went, for the access log: `none`, `ok` or the rejection reason.
     auth: &'static str,
+    /// The request came over TLS.
+    tls: bool,
+    /// The request's `Origin`, when it is an allowed one.
+    cors_origin: Option<HeaderValue>,
+    /// Metric label for requests answered before routing.
+    label: &'static str,
 }
 
 #[async_trait]
@@ -96,6 +102,9 @@ impl ProxyHttp for Gateway {
             login: None,
             upstream_status: None,
             auth: "none",
+            tls: false,
+            cors_origin: None,
+            label: UNMATCHED,
         }
     }
 
@@ -113,7 +122,34 @@ impl ProxyHttp for Gateway {
                 .client(peer, &session.req_header().headers)
         });
 
-        // 2. Head size, before anything reads it further.
+        // 2. The edge: TLS or not, the CORS origin, preflights, plain-to-https redirects.
+        ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        if let Some(cors) = &state.cors {
+            let req = session.req_header();
+            if let Some(origin) = req.headers.get(header::ORIGIN) {
+                if cors
+                    .origins
+                    .iter()
+                    .any(|o| o.as_bytes() == origin.as_bytes())
+                {
+                    ctx.cors_origin = Some(origin.clone());
+                }
+                if req.method == http::Method::OPTIONS
+                    && req
+                        .headers
+                        .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+                {
+                    ctx.label = "cors_preflight";
+                    return self.preflight(session, ctx, cors).await;
+                }
+            }
+        }
+        if let (false, Some(port)) = (ctx.tls, state.redirect_to_tls_port) {
+            ctx.label = "redirect_to_https";
+            return self.redirect_to_tls(session, ctx, port).await;
+        }
+
+        // 3. Head size, before anything reads it further.
         let req = session.req_header();
         let head_bytes = req.uri.path_and_query().map_or(0, |p| p.as_str().len())
             + req
@@ -126,7 +162,7 @@ impl ProxyHttp for Gateway {
             return self.reject(session, ctx, 431, None, &[]).await;
         }
 
-        // 3. Route.
+        // 4. Route.
         let req = session.req_header();
         let route = match state.routes.find(&req.method, req.uri.path()) {
             Match::Found(route) => route.clone(),
@@ -147,7 +183,7 @@ impl ProxyHttp for Gateway {
         };
         ctx.route = Some(route.clone());
 
-        // 4. Size: refuse an announced oversized body before reading any of it.
+        // 5. Size: refuse an announced oversized body before reading any of it.
         let announced = session
             .req_header()
             .headers
@@ -162,7 +198,7 @@ impl ProxyHttp for Gateway {
             }
             return self.reject(session, ctx, 413, None, &[]).await;
         }
-        // 5. Network gate.
+        // 6. Network gate.
 
         if let Some(gate) = &route.gate {
             if !ctx.client_ip.is_some_and(|ip| gate.allows(ip)) {
@@ -170,7 +206,7 @@ impl ProxyHttp for Gateway {
             }
         }
 
-        // 6. Authenticate.
+        // 7. Authenticate.
         match authenticate(&state, session, &route) {
             Ok(identity) => {
                 if route.auth != Mode::Public {
@@ -181,7 +217,7 @@ impl ProxyHttp for Gateway {
             Err(rejection) => return self.refuse(session, ctx, rejection).await,
         }
 
-        // 7. Authorize.
+        // 8. Authorize.
         if let Some(identity) = &ctx.identity {
             if route.min_role.is_some_and(|min| identity.role < min) {
                 return self.refuse(session, ctx, Rejection::InsufficientRole).await;
@@ -193,7 +229,7 @@ impl ProxyHttp for Gateway {
             }
         }
 
-        // 8. Rate limits.
+        // 9. Rate limits.
         for policy in &route.rate_limits {
             let key = match (policy.key, &ctx.identity) {
                 (KeyKind::Ip, _) => ctx.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
@@ -235,7 +271,7 @@ impl ProxyHttp for Gateway {
 
         session.set_read_timeout(Some(state.client_body_timeout));
 
-        // 9. Login guard: a strict body, then a reserved guess or the lock.
+        // 10. Login guard: a strict body, then a reserved guess or the lock.
         if let Some(policy) = &route.login {
             if session.req_header().method == http::Method::POST {
                 let cap = route.max_body_bytes.min(LOGIN_BODY_CAP);
@@ -410,6 +446,21 @@ impl ProxyHttp for Gateway {
         for (name, value) in &ctx.rate_headers {
             upstream_response.append_header(name.clone(), value.clone())?;
         }
+        // Internals of the upstream stay inside; CORS is the edge's alone.
+        for name in &ctx.state.security.remove_response_headers {
+            upstream_response.remove_header(name);
+        }
+        if ctx.state.cors.is_some() {
+            for name in CORS_RESPONSE_HEADERS {
+                upstream_response.remove_header(&name);
+            }
+        }
+        for (name, value) in edge_headers(ctx) {
+            upstream_response.append_header(name, value)?;
+        }
+        if ctx.rewrite.is_some() && ctx.state.security.nosniff {
+            upstream_response.insert_header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")?;
+        }
         Ok(())
     }
 
@@ -443,10 +494,14 @@ impl ProxyHttp for Gateway {
         }
         let code = status_for(e);
         if code > 0 {
+            // Pingora does not reuse the client connection after a proxy failure: say so, so
+            // keep-alive clients do not send their next request into a closing connection.
+            session.set_keepalive(None);
             let message = envelope::default_message(code);
-            let extra = ctx.empty_error.as_deref().unwrap_or_default();
+            let kept = ctx.empty_error.as_deref().unwrap_or_default();
+            let headers = envelope_headers(ctx, kept);
             if let Err(write_err) =
-                envelope::respond(session, code, message, &ctx.request_id, extra).await
+                envelope::respond(session, code, message, &ctx.request_id, &headers).await
             {
                 tracing::debug!(error = %write_err, "client gone before the error answer");
             }
@@ -460,7 +515,7 @@ impl ProxyHttp for Gateway {
     /// The one place that counts: by exact status, duration, contract violations.
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let route = ctx.route.as_ref().map_or(UNMATCHED, |r| r.name.as_str());
+        let route = ctx.route.as_ref().map_or(ctx.label, |r| r.name.as_str());
         let method = metrics::method_label(&session.req_header().method);
         let status_label = metrics::status_label(status);
         self.metrics
@@ -519,7 +574,57 @@ impl Gateway {
         extra: &[(header::HeaderName, HeaderValue)],
     ) -> Result<bool> {
         let message = message.unwrap_or_else(|| envelope::default_message(status));
-        envelope::respond(session, status, message, &ctx.request_id, extra).await?;
+        let headers = envelope_headers(ctx, extra);
+        envelope::respond(session, status, message, &ctx.request_id, &headers).await?;
+        Ok(true)
+    }
+
+    /// Answers a CORS preflight at the edge, before routing and authentication: 204 with the
+    /// allowed methods and headers for an allowed origin, 403 without CORS headers otherwise.
+    async fn preflight(&self, session: &mut Session, ctx: &Ctx, cors: &Cors) -> Result<bool> {
+        let Some(origin) = ctx.cors_origin.clone() else {
+            return self.reject(session, ctx, 403, None, &[]).await;
+        };
+        let mut resp = ResponseHeader::build(204, Some(9))?;
+        resp.insert_header(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin)?;
+        resp.insert_header(header::ACCESS_CONTROL_ALLOW_METHODS, cors.methods.clone())?;
+        resp.insert_header(header::ACCESS_CONTROL_ALLOW_HEADERS, cors.headers.clone())?;
+        resp.insert_header(header::ACCESS_CONTROL_MAX_AGE, cors.max_age.clone())?;
+        if cors.credentials {
+            resp.insert_header(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, "true")?;
+        }
+        resp.insert_header(header::VARY, "Origin")?;
+        resp.insert_header(header::CONTENT_LENGTH, "0")?;
+        resp.insert_header(envelope::REQUEST_ID, &ctx.request_id)?;
+        session.write_response_header(Box::new(resp), true).await?;
+        Ok(true)
+    }
+
+    /// Plain HTTP when the listener only redirects: 308 to the same URL over https.
+    async fn redirect_to_tls(&self, session: &mut Session, ctx: &Ctx, port: u16) -> Result<bool> {
+        let req = session.req_header();
+        let host = req
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(host_without_port)
+            .filter(|h| !h.is_empty() && !h.contains(['/', '\\', '@']));
+        let Some(host) = host else {
+            return self
+                .reject(session, ctx, 400, Some("missing host"), &[])
+                .await;
+        };
+        let target = req.uri.path_and_query().map_or("/", |p| p.as_str());
+        let location = if port == 443 {
+            format!("https://{host}{target}")
+        } else {
+            format!("https://{host}:{port}{target}")
+        };
+        let mut resp = ResponseHeader::build(308, Some(3))?;
+        resp.insert_header(header::LOCATION, location)?;
+        resp.insert_header(header::CONTENT_LENGTH, "0")?;
+        resp.insert_header(envelope::REQUEST_ID, &ctx.request_id)?;
+        session.write_response_header(Box::new(resp), true).await?;
         Ok(true)
     }
 
@@ -658,6 +763,61 @@ async fn read_body(
         return Err(413);
     }
     Ok(Bytes::from(body))
+}
+
+/// Response headers that belong to the edge's CORS answer, removed from upstream answers.
+const CORS_RESPONSE_HEADERS: [HeaderName; 4] = [
+    header::ACCESS_CONTROL_ALLOW_ORIGIN,
+    header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+    header::ACCESS_CONTROL_EXPOSE_HEADERS,
+    header::ACCESS_CONTROL_ALLOW_METHODS,
+];
+
+/// Headers every answer gets at the edge: CORS for an allowed origin (and `Vary: Origin`
+/// whenever CORS is on), HSTS over TLS.
+fn edge_headers(ctx: &Ctx) -> Vec<(HeaderName, HeaderValue)> {
+    let mut out = Vec::new();
+    if let Some(cors) = &ctx.state.cors {
+        out.push((header::VARY, HeaderValue::from_static("Origin")));
+        if let Some(origin) = &ctx.cors_origin {
+            out.push((header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone()));
+            out.push((header::ACCESS_CONTROL_EXPOSE_HEADERS, cors.expose.clone()));
+            if cors.credentials {
+                out.push((
+                    header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+                    HeaderValue::from_static("true"),
+                ));
+            }
+        }
+    }
+    if let (true, Some(hsts)) = (ctx.tls, &ctx.state.security.hsts) {
+        out.push((header::STRICT_TRANSPORT_SECURITY, hsts.clone()));
+    }
+    out
+}
+
+/// The headers of a gateway-made envelope: `extra`, the edge headers and nosniff.
+fn envelope_headers(
+    ctx: &Ctx,
+    extra: &[(HeaderName, HeaderValue)],
+) -> Vec<(HeaderName, HeaderValue)> {
+    let mut headers = extra.to_vec();
+    headers.extend(edge_headers(ctx));
+    if ctx.state.security.nosniff {
+        headers.push((
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ));
+    }
+    headers
+}
+
+/// `example.com` from `example.com:8080`, `[::1]` from `[::1]:8080`.
+fn host_without_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.split_inclusive(']').next().unwrap_or(host);
+    }
+    host.split(':').next().unwrap_or(host)
 }
 
 /// The socket peer's address.

@@ -74,6 +74,12 @@ impl Reloader {
         }
         self.memory.register(&mut config.limits_mut());
         let state = State::new(&config).map_err(|e| format!("{}: {e}", self.path.display()))?;
+        // Everything validated: from here on nothing fails. The TLS acceptor keeps its
+        // certificate resolver, which takes over the new certificates.
+        if let (Some(running), Some(new)) = (&current.tls, &mut config.tls) {
+            running.certificates.adopt(&new.certificates);
+            new.certificates = running.certificates.clone();
+        }
         self.state.store(Arc::new(state));
         *current = config;
         Ok(())

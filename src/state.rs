@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::auth::jwt::Verifier;
 use crate::client_ip::TrustedProxies;
-use crate::config::{Config, IdentityHeaders};
+use crate::config::{Config, Cors, IdentityHeaders, PlainMode, Security};
 use crate::routes::{Route, RouteTable};
 use crate::store::LockoutPolicy;
 use crate::upstreams::Pool;
@@ -36,6 +36,12 @@ pub struct State {
     pub max_header_bytes: usize,
     /// Most request headers answered normally (431 above).
     pub max_headers: usize,
+    /// Cross-origin settings.
+    pub cors: Option<Cors>,
+    /// Edge security headers.
+    pub security: Security,
+    /// With TLS and `plain = "redirect"`: the TLS port plain requests are sent to.
+    pub redirect_to_tls_port: Option<u16>,
 }
 
 impl State {
@@ -73,6 +79,13 @@ impl State {
             access_log: config.log.access_log,
             max_header_bytes: config.server.max_header_bytes,
             max_headers: config.server.max_headers,
+            cors: config.cors.clone(),
+            security: config.security.clone(),
+            redirect_to_tls_port: config
+                .tls
+                .as_ref()
+                .filter(|t| t.plain == PlainMode::Redirect)
+                .map(|t| t.listen.port()),
         })
     }
 

@@ -8,9 +8,11 @@ use async_trait::async_trait;
 use pingora::lb::health_check::TcpHealthCheck;
 use pingora::lb::selection::RoundRobin;
 use pingora::lb::LoadBalancer;
+use pingora::protocols::tls::CaType;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use pingora::upstreams::peer::HttpPeer;
+use pingora::utils::tls::{parse_x509, WrappedX509};
 
 use crate::config;
 use crate::state::State;
@@ -26,6 +28,8 @@ pub struct Pool {
     settings: config::Upstream,
     /// When the health check is due next (`None`: now).
     next_check: Mutex<Option<Instant>>,
+    /// CA certificates for upstream TLS, parsed once.
+    ca: Option<Arc<CaType>>,
 }
 
 impl Pool {
@@ -37,12 +41,21 @@ impl Pool {
             check.peer_template.options.connection_timeout = Some(u.connect_timeout);
             balancer.set_health_check(check);
         }
+        // DER that load_ca_bundle has already parsed, so the wrapper's parse cannot fail.
+        let ca = u.tls.as_ref().and_then(|t| t.ca.as_ref()).map(|certs| {
+            let wrapped: Vec<WrappedX509> = certs
+                .iter()
+                .map(|der| WrappedX509::new(der.clone(), parse_x509))
+                .collect();
+            Arc::<CaType>::from(wrapped.into_boxed_slice())
+        });
         Ok(Pool {
             name: u.name.clone(),
             balancer,
             server_count: u.servers.len(),
             settings: u.clone(),
             next_check: Mutex::new(None),
+            ca,
         })
     }
 
@@ -50,8 +63,20 @@ impl Pool {
     pub fn select(&self) -> Option<Box<HttpPeer>> {
         let backend = self.balancer.select(b"", self.server_count.max(1))?;
         let addr = *backend.addr.as_inet()?;
-        let mut peer = Box::new(HttpPeer::new(addr, false, String::new()));
+        let tls = self.settings.tls.as_ref();
+        // Without a configured name (only allowed with verification off) the address stands in.
+        let sni = match tls {
+            Some(t) if !t.sni.is_empty() => t.sni.clone(),
+            Some(_) => addr.ip().to_string(),
+            None => String::new(),
+        };
+        let mut peer = Box::new(HttpPeer::new(addr, tls.is_some(), sni));
         let o = &mut peer.options;
+        if let Some(t) = tls {
+            o.verify_cert = t.verify;
+            o.verify_hostname = t.verify;
+            o.ca = self.ca.clone();
+        }
         o.connection_timeout = Some(self.settings.connect_timeout);
         o.read_timeout = Some(self.settings.read_timeout);
         o.write_timeout = Some(self.settings.write_timeout);

@@ -217,6 +217,12 @@ fn respond(req: &Req, w: &mut TcpStream) -> bool {
         .unwrap_or(path);
     match path {
         "/ok" | "/api/ok" => simple(w, "200 OK", &json, br#"{"status":"success","data":{"id":1}}"#),
+        "/ok-with-cors" => simple(
+            w,
+            "200 OK",
+            &[("Content-Type", "application/json"), ("Access-Control-Allow-Origin", "*"), ("Server", "gunicorn")],
+            br#"{"status":"success"}"#,
+        ),
         "/created" => simple(w, "201 Created", &json, br#"{"status":"success","data":{"id":2}}"#),
         "/no-content" => w.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").is_ok(),
         "/ok-chunked" => chunked(w, "200 OK", &json, &[b"{\"status\":", b"\"success\",", b"\"data\":[1,2,3]}"]),
@@ -239,7 +245,13 @@ fn respond(req: &Req, w: &mut TcpStream) -> bool {
         "/html-500" => simple(
             w,
             "500 Internal Server Error",
-            &[("Content-Type", "text/html; charset=utf-8"), ("ETag", "\"abc\""), ("X-Upstream", "kept")],
+            &[
+                ("Content-Type", "text/html; charset=utf-8"),
+                ("ETag", "\"abc\""),
+                ("X-Upstream", "kept"),
+                ("Server", "Apache/2.4.41 (internal-host-7)"),
+                ("X-Powered-By", "PHP/7.2"),
+            ],
             HTML_500,
         ),
         "/text-404" => simple(w, "404 Not Found", &[("Content-Type", "text/plain; charset=utf-8"), ("X-Content-Type-Options", "nosniff")], b"404 page not found\n"),
