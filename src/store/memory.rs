@@ -294,22 +294,26 @@ fn fail(entry: &mut Entry, now: Instant, policy: &LockoutPolicy) -> bool {
     false
 }
 
-/// Frees one place in a full table: expired entries first, then the unlocked entry with the
-/// fewest failures and nothing in flight. Keys under attack (many failures, locked) stay.
+/// Frees places in a full table: expired entries first, then a tenth of the table from the
+/// unlocked entries with the fewest failures and nothing in flight. Keys under attack (many
+/// failures, locked) stay. Evicting a batch keeps a flood of fresh emails at an amortised
+/// O(log n) per insert instead of a full scan each.
 fn make_room(locks: &mut HashMap<Box<str>, Entry>, now: Instant) {
     locks.retain(|_, e| {
         e.expire(now);
         !e.is_idle()
     });
-    if locks.is_empty() {
-        return;
-    }
-    let victim = locks
+    let batch = (locks.len() / 10).max(1);
+    let mut candidates: Vec<(u32, Option<Instant>, Box<str>)> = locks
         .iter()
         .filter(|(_, e)| e.locked_until.is_none() && e.pending.is_empty())
-        .min_by_key(|(_, e)| (e.failures, e.forget_at))
-        .map(|(k, _)| k.clone());
-    if let Some(k) = victim {
+        .map(|(k, e)| (e.failures, e.forget_at, k.clone()))
+        .collect();
+    if candidates.len() > batch {
+        candidates.select_nth_unstable_by_key(batch - 1, |(f, at, _)| (*f, *at));
+        candidates.truncate(batch);
+    }
+    for (_, _, k) in candidates {
         locks.remove(&k);
     }
 }

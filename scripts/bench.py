@@ -1,0 +1,297 @@
+#!/usr/bin/env python3
+"""Load benchmark: the gateway against a bare Pingora proxy (the framework's ceiling) and nginx,
+on the same machine, in the same run.
+
+Layout (as in issue 10): the upstream (nginx, 1 worker) and the proxy under test share core 0,
+wrk runs on core 1 (1 thread, 64 connections). Each cell is the median of BENCH_RUNS runs of
+BENCH_SECONDS. Before every measurement the answer is checked (status and body), so a fast
+wrong answer cannot count. Run through scripts/bench.sh, which installs and builds what is needed.
+"""
+import http.client
+import json
+import os
+import re
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
+RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+CONNS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
+IDLE = int(os.environ.get("BENCH_IDLE_CONNECTIONS", "10000"))
+SECRET = "bench-secret-0123456789abcdef0123"
+OK_BODY = '{"status":"success","data":{"id":"c-17"}}'  # 39 bytes
+HTML_500 = "<html><body><h1>500</h1><pre>Traceback: db-primary.internal refused</pre></body></html>"
+ENV_500 = '{"status":"error","message":"internal server error"}'
+ENV_401 = '{"status":"error","message":"invalid credentials"}'
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_port(port, timeout=20):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"bench: nothing listens on {port}")
+
+
+def start(cmd, cpu, env=None, log=None):
+    full = ["taskset", "-c", str(cpu)] + cmd
+    return subprocess.Popen(full, env=env, stdout=subprocess.DEVNULL, stderr=log or subprocess.DEVNULL)
+
+
+def vm(pid, field):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def token():
+    import base64, hashlib, hmac
+    b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+    header = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    claims = b64(json.dumps({"tid": "t-1", "sub": "u-1", "role": "agent", "iss": "get2dial",
+                             "aud": "get2dial-control", "exp": 4102444800}).encode())
+    sig = b64(hmac.new(SECRET.encode(), f"{header}.{claims}".encode(), hashlib.sha256).digest())
+    return f"{header}.{claims}.{sig}"
+
+
+def request(port, method, path, headers=None, body=None):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    c.request(method, path, body=body, headers=headers or {})
+    r = c.getresponse()
+    data = r.read()
+    c.close()
+    return r.status, data
+
+
+def wrk(port, scenario):
+    cmd = ["taskset", "-c", "1", "wrk", "-t1", f"-c{CONNS}", f"-d{SECONDS}s", "--latency"]
+    for k, v in scenario.get("headers", {}).items():
+        cmd += ["-H", f"{k}: {v}"]
+    if scenario.get("lua"):
+        cmd += ["-s", scenario["lua"]]
+    cmd.append(f"http://127.0.0.1:{port}{scenario['path']}")
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+    def ms(label):
+        m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        v, unit = float(m.group(1)), m.group(2)
+        return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
+
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    return rps, ms("50"), ms("99"), (errors.group(1) if errors else "")
+
+
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def main():
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        pass
+    tmp = tempfile.mkdtemp(prefix="g2d-bench-")
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    gateway = os.path.join(ROOT, "target/release/get2dial-gateway")
+    bare = os.environ["BARE_PROXY_BIN"]
+    up, ngx, bare_port, gw, admin = (free_port() for _ in range(5))
+    with open(os.path.join(tmp, "big.bin"), "wb") as f:
+        f.write(bytes(i % 251 for i in range(64 * 1024)))
+
+    common = f"""worker_processes 1; daemon off; pid {tmp}/%s.pid; error_log {tmp}/%s.err;
+events {{ worker_connections 20000; }}
+http {{ access_log off; keepalive_requests 10000000; keepalive_timeout 120s;
+"""
+    write(f"{tmp}/up.conf", common % ("up", "up") + f"""
+  server {{ listen 127.0.0.1:{up} reuseport;
+    location = /ok {{ default_type application/json; return 200 '{OK_BODY}'; }}
+    location = /big {{ default_type application/octet-stream; alias {tmp}/big.bin; }}
+    location = /html-500 {{ default_type text/html; return 500 '{HTML_500}'; }}
+    location = /api/v1/auth/login {{ default_type application/json; return 401 '{ENV_401}'; }}
+    location /api/ {{ default_type application/json; return 200 '{OK_BODY}'; }}
+  }}
+}}""")
+    write(f"{tmp}/proxy.conf", common % ("px", "px") + f"""
+  upstream up {{ server 127.0.0.1:{up}; keepalive 128; }}
+  server {{ listen 127.0.0.1:{ngx} reuseport;
+    proxy_http_version 1.1; proxy_set_header Connection "";
+    location / {{ proxy_pass http://up; }}
+    location = /html-500 {{ proxy_pass http://up; proxy_intercept_errors on; error_page 500 = @envelope; }}
+    location @envelope {{ default_type application/json; return 500 '{ENV_500}'; }}
+  }}
+}}""")
+    write(f"{tmp}/gateway.toml", f"""
+[server]
+listen = "127.0.0.1:{gw}"
+admin_listen = "127.0.0.1:{admin}"
+threads = 1
+upgrade_sock = "{tmp}/upgrade.sock"
+[log]
+level = "warn"
+access_log = false
+[jwt]
+secrets = ["env:BENCH_JWT_SECRET"]
+[[upstreams]]
+name = "up"
+servers = ["127.0.0.1:{up}"]
+[[routes]]
+name = "ok"
+path_prefix = "/ok"
+upstream = "up"
+auth = "public"
+[[routes]]
+name = "big"
+path_prefix = "/big"
+upstream = "up"
+auth = "public"
+[[routes]]
+name = "html"
+path_prefix = "/html-500"
+upstream = "up"
+auth = "public"
+[[routes]]
+name = "login"
+path_prefix = "/api/v1/auth/login"
+methods = ["POST"]
+upstream = "up"
+auth = "public"
+login_guard = true
+max_body_bytes = 4096
+[[routes]]
+name = "api"
+path_prefix = "/api/v1/"
+upstream = "up"
+auth = "jwt"
+rate_limit = {{ key = "user", per_second = 1000000, burst = 1000000 }}
+""")
+    login_lua = write(f"{tmp}/login.lua", """
+local n = 0
+request = function()
+  n = n + 1
+  local body = string.format('{"email":"user%d@bench.example","password":"wrong"}', n)
+  return wrk.format("POST", "/api/v1/auth/login", {["Content-Type"] = "application/json"}, body)
+end
+""")
+    procs = []
+    try:
+        procs.append(start([nginx, "-c", f"{tmp}/up.conf", "-p", tmp], 0))
+        wait_port(up)
+        targets = {
+            "nginx": (start([nginx, "-c", f"{tmp}/proxy.conf", "-p", tmp], 0), ngx),
+            "bare pingora": (start([bare], 0, env=dict(os.environ, BARE_PROXY_LISTEN=f"127.0.0.1:{bare_port}",
+                                                        BARE_PROXY_UPSTREAM=f"127.0.0.1:{up}", BARE_PROXY_THREADS="1")), bare_port),
+            "gateway": (start([gateway, "run", "--config", f"{tmp}/gateway.toml"], 0,
+                              env=dict(os.environ, BENCH_JWT_SECRET=SECRET), log=open(f"{tmp}/gateway.log", "w")), gw),
+        }
+        procs += [p for p, _ in targets.values()]
+        for _, port in targets.values():
+            wait_port(port)
+
+        auth = {"Authorization": f"Bearer {token()}"}
+        login_body = '{"email":"check@bench.example","password":"wrong"}'
+        scenarios = [
+            {"name": "pass-through 39 B JSON", "path": "/ok",
+             "check": {"*": (200, OK_BODY)}},
+            {"name": "JWT + rate limit + metrics", "path": "/api/v1/calls", "headers": auth,
+             "check": {"*": (200, OK_BODY)}},
+            {"name": "upstream HTML 500 -> envelope", "path": "/html-500",
+             "check": {"gateway": (500, ENV_500), "nginx": (500, ENV_500), "bare pingora": (500, HTML_500)}},
+            {"name": "64 KiB success body", "path": "/big",
+             "check": {"*": (200, None)}},
+            {"name": "login guard (401, fresh emails)", "path": "/api/v1/auth/login", "lua": login_lua,
+             "method": "POST", "body": login_body, "check": {"*": (401, ENV_401)}},
+        ]
+        results = []
+        for sc in scenarios:
+            for name, (proc, port) in targets.items():
+                status, expect = sc["check"].get(name, sc["check"].get("*"))
+                got_status, got = request(port, sc.get("method", "GET"), sc["path"],
+                                          headers=dict(sc.get("headers", {}), **({"Content-Type": "application/json"} if sc.get("body") else {})),
+                                          body=sc.get("body"))
+                if got_status != status or (expect is not None and got.decode(errors="replace") != expect):
+                    raise SystemExit(f"bench: {name} answers {sc['path']} wrongly: {got_status} {got[:200]!r}")
+                runs = [wrk(port, sc) for _ in range(RUNS)]
+                rps = statistics.median(r[0] for r in runs)
+                p50 = statistics.median(r[1] for r in runs)
+                p99 = statistics.median(r[2] for r in runs)
+                errors = "; ".join(r[3] for r in runs if r[3])
+                results.append((sc["name"], name, rps, p50, p99, vm(proc.pid, "VmHWM"), errors))
+                print(f"bench: {sc['name']:<32} {name:<13} {rps:>10.0f} req/s  p50 {p50:.2f} ms  p99 {p99:.2f} ms {errors}", file=sys.stderr)
+
+        print()
+        print(f"{SECONDS}s x {RUNS} runs (median), {CONNS} connections, wrk on core 1, proxy and upstream on core 0")
+        print()
+        print("| scenario | proxy | req/s | p50 ms | p99 ms | peak RSS MiB | vs bare Pingora | vs nginx |")
+        print("|---|---|---|---|---|---|---|---|")
+        by = {(s, n): (r, p50, p99) for s, n, r, p50, p99, _, _ in results}
+        for s, n, r, p50, p99, rss, errors in results:
+            bare_r, _, bare_p99 = by[(s, "bare pingora")]
+            ngx_r, _, _ = by[(s, "nginx")]
+            print(f"| {s} | {n} | {r:.0f} | {p50:.2f} | {p99:.2f} | {rss / 1024:.1f} | "
+                  f"{r / bare_r:.2f}x (p99 {p99 / bare_p99:.2f}x) | {r / ngx_r:.2f}x |")
+
+        # Idle keep-alive connections: RSS of the gateway holding IDLE of them.
+        gproc = targets["gateway"][0]
+        before = vm(gproc.pid, "VmRSS")
+        socks = []
+        for _ in range(IDLE):
+            try:
+                s = socket.create_connection(("127.0.0.1", gw), timeout=5)
+                s.sendall(b"GET /ok HTTP/1.1\r\nHost: b\r\n\r\n")
+                socks.append(s)
+            except OSError:
+                break
+        for s in socks:
+            s.settimeout(5)
+            try:
+                s.recv(4096)
+            except OSError:
+                pass
+        time.sleep(1)
+        after = vm(gproc.pid, "VmRSS")
+        print()
+        print(f"gateway RSS with {len(socks)} idle keep-alive connections: {after / 1024:.1f} MiB "
+              f"(before {before / 1024:.1f} MiB, {(after - before) / max(len(socks), 1):.1f} KiB each)")
+        for s in socks:
+            s.close()
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

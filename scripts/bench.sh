@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Load benchmark: gateway vs a bare Pingora proxy vs nginx, one table (see scripts/bench.py).
+#   scripts/bench.sh                       # 10 s x 3 runs per cell
+#   BENCH_SECONDS=5 BENCH_RUNS=1 scripts/bench.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || {
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
+  $sudo apt-get install -y -qq nginx-light >/dev/null || $sudo apt-get install -y -qq nginx >/dev/null
+}
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+cargo build --release --locked --bin get2dial-gateway
+cargo build --release --locked --bench bare_proxy
+BARE_PROXY_BIN=$(ls -t target/release/deps/bare_proxy-* | grep -v '\.d$' | head -n 1)
+export BARE_PROXY_BIN
+exec python3 scripts/bench.py
