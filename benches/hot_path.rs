@@ -3,26 +3,13 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use get2dial_gateway::auth::Mode;
 use get2dial_gateway::config::Route;
 use get2dial_gateway::envelope;
 use get2dial_gateway::routes::RouteTable;
 use http::Method;
 
 fn route(name: &str, prefix: &str, methods: &[Method]) -> Route {
-    Route {
-        name: name.into(),
-        path_prefix: prefix.into(),
-        methods: methods.to_vec(),
-        upstream: 0,
-        max_body_bytes: 1 << 20,
-        auth: Mode::Public,
-        min_role: None,
-        allow_networks: Vec::new(),
-        node_keys: None,
-        rate_limits: Vec::new(),
-        login_guard: false,
-    }
+    Route::public(name, prefix, methods)
 }
 
 /// A route table shaped like the Get2Dial API's.

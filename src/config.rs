@@ -856,6 +856,26 @@ pub struct Route {
     pub login_guard: bool,
 }
 
+impl Route {
+    /// A public route to the first upstream with the default body cap and no limits: what
+    /// tests, benches and fuzz targets build route tables from.
+    pub fn public(name: &str, path_prefix: &str, methods: &[Method]) -> Route {
+        Route {
+            name: name.into(),
+            path_prefix: path_prefix.into(),
+            methods: methods.to_vec(),
+            upstream: 0,
+            max_body_bytes: default_max_body(),
+            auth: Mode::Public,
+            min_role: None,
+            allow_networks: Vec::new(),
+            node_keys: None,
+            rate_limits: Vec::new(),
+            login_guard: false,
+        }
+    }
+}
+
 impl std::fmt::Debug for NodeKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(

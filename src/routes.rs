@@ -170,19 +170,7 @@ mod tests {
     use super::*;
 
     fn route(name: &str, prefix: &str, methods: &[Method]) -> config::Route {
-        config::Route {
-            name: name.into(),
-            path_prefix: prefix.into(),
-            methods: methods.to_vec(),
-            upstream: 0,
-            max_body_bytes: 10,
-            auth: Mode::Public,
-            min_role: None,
-            allow_networks: Vec::new(),
-            node_keys: None,
-            rate_limits: Vec::new(),
-            login_guard: false,
-        }
+        config::Route::public(name, prefix, methods)
     }
 
     fn table() -> RouteTable {

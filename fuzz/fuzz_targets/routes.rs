@@ -4,7 +4,6 @@
 
 use std::sync::OnceLock;
 
-use get2dial_gateway::auth::Mode;
 use get2dial_gateway::config::Route;
 use get2dial_gateway::routes::{is_unsafe_path, Match, RouteTable};
 use http::Method;
@@ -13,19 +12,7 @@ use libfuzzer_sys::fuzz_target;
 fn table() -> &'static RouteTable {
     static T: OnceLock<RouteTable> = OnceLock::new();
     T.get_or_init(|| {
-        let r = |name: &str, prefix: &str, methods: &[Method]| Route {
-            name: name.into(),
-            path_prefix: prefix.into(),
-            methods: methods.to_vec(),
-            upstream: 0,
-            max_body_bytes: 1 << 20,
-            auth: Mode::Public,
-            min_role: None,
-            allow_networks: Vec::new(),
-            node_keys: None,
-            rate_limits: Vec::new(),
-            login_guard: false,
-        };
+        let r = |name: &str, prefix: &str, methods: &[Method]| Route::public(name, prefix, methods);
         RouteTable::new(
             &[
                 r("login", "/api/v1/auth/login", &[Method::POST]),
