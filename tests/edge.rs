@@ -70,6 +70,35 @@ fn token() -> String {
     .unwrap()
 }
 
+/// The `[jwt]` section, the test upstream and two routes on it: public `/u/`, token `/api/v1/`
+/// (with `api_extra` lines).
+fn app_and_api(up: &Upstream, api_extra: &str) -> String {
+    format!(
+        r#"
+[jwt]
+secrets = ["env:G2D_EDGE_SECRET"]
+
+[[upstreams]]
+name = "app"
+servers = ["{up}"]
+
+[[routes]]
+name = "app"
+path_prefix = "/u/"
+upstream = "app"
+auth = "public"
+
+[[routes]]
+name = "api"
+path_prefix = "/api/v1/"
+upstream = "app"
+auth = "jwt"
+{api_extra}
+"#,
+        up = up.addr
+    )
+}
+
 struct Edge {
     gw: Gateway,
     tls_port: u16,
@@ -95,26 +124,8 @@ certificates = [
   {{ cert_file = "other.pem", key_file = "other.key", server_names = ["other.test", "*.other.test"] }},
 ]
 
-[jwt]
-secrets = ["env:G2D_EDGE_SECRET"]
-
-[[upstreams]]
-name = "app"
-servers = ["{up}"]
-
-[[routes]]
-name = "app"
-path_prefix = "/u/"
-upstream = "app"
-auth = "public"
-
-[[routes]]
-name = "api"
-path_prefix = "/api/v1/"
-upstream = "app"
-auth = "jwt"
-"#,
-            up = up.addr
+{}"#,
+            app_and_api(up, "")
         ),
         &[("G2D_EDGE_SECRET", SECRET)],
         &[
@@ -372,27 +383,11 @@ fn cors_gateway(up: &Upstream, origin: &str) -> Gateway {
 allowed_origins = ["{origin}", "https://app.get2dial.com"]
 max_age_seconds = 600
 
-[jwt]
-secrets = ["env:G2D_EDGE_SECRET"]
-
-[[upstreams]]
-name = "app"
-servers = ["{up}"]
-
-[[routes]]
-name = "app"
-path_prefix = "/u/"
-upstream = "app"
-auth = "public"
-
-[[routes]]
-name = "api"
-path_prefix = "/api/v1/"
-upstream = "app"
-auth = "jwt"
-rate_limit = {{ key = "user", per_minute = 1, burst = 2 }}
-"#,
-            up = up.addr
+{}"#,
+            app_and_api(
+                up,
+                r#"rate_limit = { key = "user", per_minute = 1, burst = 2 }"#
+            )
         ),
         &[("G2D_EDGE_SECRET", SECRET)],
         &[],
