@@ -119,12 +119,14 @@ def main():
     except (ValueError, OSError):
         pass
     tmp = tempfile.mkdtemp(prefix="g2d-bench-")
+    os.chmod(tmp, 0o755)  # nginx workers drop privileges and must read the 64 KiB file
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     gateway = os.path.join(ROOT, "target/release/get2dial-gateway")
     bare = os.environ["BARE_PROXY_BIN"]
     up, ngx, bare_port, gw, admin = (free_port() for _ in range(5))
     with open(os.path.join(tmp, "big.bin"), "wb") as f:
         f.write(bytes(i % 251 for i in range(64 * 1024)))
+    os.chmod(os.path.join(tmp, "big.bin"), 0o644)
 
     common = f"""worker_processes 1; daemon off; pid {tmp}/%s.pid; error_log {tmp}/%s.err;
 events {{ worker_connections 20000; }}
