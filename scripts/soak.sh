@@ -19,8 +19,8 @@ port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); 
 listen=$(port); admin=$(port); upstream=$(port)
 sed -e "s/127.0.0.1:8080/127.0.0.1:$listen/" -e "s/127.0.0.1:9090/127.0.0.1:$admin/" \
     -e "s/127.0.0.1:8081/127.0.0.1:$upstream/" \
+    -e 's/^level = "info"/level = "warn"/' -e 's/^access_log = true/access_log = false/' \
     config/gateway.toml > "$dir/gateway.toml"
-printf '\n[log]\nlevel = "warn"\naccess_log = false\n' >> "$dir/gateway.toml"
 export GATEWAY_JWT_SECRET="soak-secret-0123456789abcdef"
 target/release/get2dial-gateway demo --config "$dir/gateway.toml" >/dev/null 2>"$dir/gateway.log" &
 pid=$!

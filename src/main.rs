@@ -231,7 +231,7 @@ fn print_demo_help(config: &Config, stand_in: std::net::SocketAddr) {
          curl -i {gw}/api/v1/demo/slow            # upstream too slow -> 504 envelope\n  \
          curl -i {gw}/api/v1/auth/me              # no token -> 401 envelope\n  \
          curl -i {gw}/nowhere                     # no route -> 404 envelope\n  \
-         curl -i -X DELETE {gw}/api/v1/auth/login # wrong method -> 405 + Allow\n  \
+         curl -i -X POST {gw}/ws/agent            # wrong method -> 405 + Allow\n  \
          curl -i -X POST {gw}/api/v1/auth/login -d '{{\"email\":\"{}\",\"password\":\"{}\"}}'\n  \
          curl -i {gw}/api/v1/auth/me -H \"Authorization: Bearer <token from the login>\"\n",
         config.server.admin_listen,
