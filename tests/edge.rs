@@ -59,15 +59,7 @@ impl Pki {
 }
 
 fn token() -> String {
-    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
-    let claims = serde_json::json!({"tid": "t-1", "sub": "u-1", "role": "agent",
-        "iss": "get2dial", "aud": "get2dial-control", "exp": 4102444800u64});
-    encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    common::mint_token(SECRET, "t-1", "u-1", "agent")
 }
 
 /// The `[jwt]` section, the test upstream and two routes on it: public `/u/`, token `/api/v1/`

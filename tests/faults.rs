@@ -11,19 +11,11 @@ use std::time::Duration;
 
 use common::upstream::{pattern, Upstream, HUGE};
 use common::{closed_port, get, parse_metrics, Conn, Gateway, Response};
-use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 
 const SECRET: &str = "faults-test-secret-0123456789abcd";
 
 fn token() -> String {
-    let claims = serde_json::json!({"tid": "t", "sub": "u", "role": "admin",
-        "iss": "get2dial", "aud": "get2dial-control", "exp": 4102444800u64});
-    encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    common::mint_token(SECRET, "t", "u", "admin")
 }
 
 fn gateway(up: &Upstream) -> Gateway {

@@ -8,19 +8,11 @@ use std::time::Duration;
 use common::redis::Backend;
 use common::upstream::Upstream;
 use common::{parse_metrics, Gateway, Response};
-use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 
 const SECRET: &str = "ratelimit-test-secret-0123456789";
 
 fn token(tenant: &str, user: &str) -> String {
-    let claims = serde_json::json!({"tid": tenant, "sub": user, "role": "agent",
-        "iss": "get2dial", "aud": "get2dial-control", "exp": 4102444800u64});
-    encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    common::mint_token(SECRET, tenant, user, "agent")
 }
 
 fn gateway(b: &Backend, up: &Upstream, extra: &str) -> Gateway {
