@@ -510,6 +510,20 @@ pub struct FileServer {
     /// Most request headers answered normally; more gets 431.
     #[serde(default = "default_max_headers")]
     pub max_headers: usize,
+    /// Seconds a client connection may stay idle between requests before it is closed.
+    #[serde(default = "default_keepalive_timeout")]
+    pub keepalive_timeout_seconds: u64,
+    /// Whether idle worker threads take tasks from busy ones (Pingora's `work_stealing`).
+    #[serde(default = "default_work_stealing")]
+    pub work_stealing: bool,
+}
+
+/// Pingora's own default.
+fn default_keepalive_timeout() -> u64 {
+    60
+}
+fn default_work_stealing() -> bool {
+    true
 }
 
 /// Well below Pingora's own 1 MiB limit, whose answer is a bare 400.
@@ -538,6 +552,8 @@ impl Default for FileServer {
             upgrade_sock: default_upgrade_sock(),
             max_header_bytes: default_max_header_bytes(),
             max_headers: default_max_headers(),
+            keepalive_timeout_seconds: default_keepalive_timeout(),
+            work_stealing: default_work_stealing(),
         }
     }
 }
@@ -795,6 +811,10 @@ pub struct Server {
     pub max_header_bytes: usize,
     /// Most request headers answered normally.
     pub max_headers: usize,
+    /// Longest idle time of a client connection between requests.
+    pub keepalive_timeout: Duration,
+    /// Whether worker threads steal tasks from each other.
+    pub work_stealing: bool,
 }
 
 /// Validated `[[upstreams]]` entry.
@@ -1001,6 +1021,16 @@ impl Validator<'_> {
                     ))
                 }
             },
+            keepalive_timeout: match s.keepalive_timeout_seconds {
+                1..=3600 => Duration::from_secs(s.keepalive_timeout_seconds),
+                _ => {
+                    return Err(self.err(
+                        "server.keepalive_timeout_seconds",
+                        "must be between 1 and 3600",
+                    ))
+                }
+            },
+            work_stealing: s.work_stealing,
         };
         if server.listen == server.admin_listen {
             return Err(self.err(

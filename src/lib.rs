@@ -9,6 +9,7 @@ pub mod admin;
 pub mod auth;
 pub mod client_ip;
 pub mod config;
+pub mod connection;
 pub mod demo;
 pub mod envelope;
 pub mod limits;
@@ -27,6 +28,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
@@ -73,6 +75,7 @@ pub fn build_server(
         grace_period_seconds: Some(grace),
         graceful_shutdown_timeout_seconds: Some(grace + 5),
         upgrade_sock: config.server.upgrade_sock.display().to_string(),
+        work_stealing: config.server.work_stealing,
         ..ServerConf::default()
     };
     // With `upgrade`, bootstrap takes the listening sockets from the running process that got
@@ -139,6 +142,7 @@ pub fn build_server(
     };
     let gateway = proxy::Gateway::new(state.clone(), metrics.clone(), store);
     let listen = config.server.listen.to_string();
+    let keepalive = config.server.keepalive_timeout;
     let tls = config.tls.clone();
     let watch_interval = config.server.watch_interval;
     for u in &config.upstreams {
@@ -158,12 +162,14 @@ pub fn build_server(
         reload::OnSignal::new(reloader.clone()),
     ));
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        gateway,
-        "get2dial-gateway",
+    let app = connection::Connections::new(
+        pingora::proxy::http_proxy(&server.configuration, gateway),
+        keepalive,
     );
-    proxy.add_tcp(&listen);
+    let mut proxy = Service::new("get2dial-gateway".to_string(), app);
+    // Plain HTTP/1 reads go straight into Pingora's own request buffers; an L4 read buffer
+    // (64 KiB by default) would only add a copy and most of an idle connection's memory.
+    proxy.add_listener(ListenerConfig::tcp(listen).l4_buffer(L4BufferSettings::default().read(0)));
     if let Some(tls) = &tls {
         let mut settings =
             TlsSettings::intermediate("", "").map_err(|e| BuildError::Tls(e.to_string()))?;
@@ -171,7 +177,8 @@ pub fn build_server(
         if tls.http2 {
             settings.enable_h2();
         }
-        proxy.add_tls_with_settings(&tls.listen.to_string(), None, settings);
+        // Over TLS the L4 read buffer saves syscalls (records are read in small pieces): kept.
+        proxy.add_listener(ListenerConfig::tcp(tls.listen.to_string()).tls(settings));
         server.add_service(background_service(
             "certificate watcher",
             crate::tls::Watcher::new(tls.certificates.clone(), watch_interval),

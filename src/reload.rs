@@ -101,6 +101,12 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.server.shutdown_grace != new.server.shutdown_grace {
         changed.push("server.shutdown_grace_seconds");
     }
+    if old.server.keepalive_timeout != new.server.keepalive_timeout {
+        changed.push("server.keepalive_timeout_seconds");
+    }
+    if old.server.work_stealing != new.server.work_stealing {
+        changed.push("server.work_stealing");
+    }
     let store = |c: &Config| {
         c.redis
             .as_ref()

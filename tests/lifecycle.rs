@@ -115,3 +115,88 @@ fn graceful_upgrade_drops_no_request() {
         "{failed} of {sent} requests failed during the upgrade"
     );
 }
+
+/// Gateway with `server` keys and one public route to the test upstream.
+fn gateway_with(up: &Upstream, server: &str) -> Gateway {
+    Gateway::start_full(
+        server,
+        &format!(
+            "[[upstreams]]\nname = \"app\"\nservers = [\"{}\"]\n\n\
+             [[routes]]\nname = \"app\"\npath_prefix = \"/\"\nupstream = \"app\"\nauth = \"public\"\n",
+            up.addr
+        ),
+        &[],
+        &[],
+    )
+}
+
+#[test]
+fn idle_connections_close_after_the_keepalive_timeout_and_busy_ones_stay() {
+    let up = Upstream::start();
+    let gw = gateway_with(&up, "keepalive_timeout_seconds = 1");
+    let mut used = common::Conn::open(gw.addr);
+    assert_eq!(used.send(&get("/ok")).status, 200);
+    let mut silent = common::Conn::open(gw.addr);
+    let mut busy = common::Conn::open(gw.addr);
+    // Requests more often than the timeout keep a connection open.
+    for _ in 0..6 {
+        assert_eq!(busy.send(&get("/ok")).status, 200);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(used.closed(), "idle after a request: closed after 1 s");
+    assert!(silent.closed(), "never sent a byte: closed after 1 s");
+    assert_eq!(busy.send(&get("/ok")).status, 200);
+}
+
+#[test]
+fn requests_arriving_in_pieces_are_served_whole() {
+    let up = Upstream::start();
+    let gw = gateway_with(&up, "");
+    let mut c = common::Conn::open(gw.addr);
+    // A head in three pieces, then its body in two.
+    let body = "x".repeat(3000);
+    let head = format!(
+        "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    for piece in [&head[..5], &head[5..30], &head[30..], &body[..1000], &body[1000..]] {
+        c.write(piece.as_bytes());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = c.read(false).expect("response");
+    assert_eq!(r.status, 200);
+    assert!(r.text().ends_with(&body), "the whole body reached the upstream");
+    // A head larger than one read (12 KiB of headers), on the same connection.
+    let big = format!(
+        "GET /echo HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\nX-After: yes\r\n\r\n",
+        "b".repeat(12 * 1024)
+    );
+    let r = c.send(big.as_bytes());
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("x-after: yes") || r.text().contains("X-After: yes"));
+    // A body sent together with its head, larger than the first read.
+    let body = "y".repeat(20_000);
+    let r = c.send(
+        format!(
+            "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    assert_eq!(r.status, 200);
+    assert!(r.text().ends_with(&body));
+}
+
+#[test]
+fn shutdown_closes_idle_connections_at_once() {
+    let up = Upstream::start();
+    let mut gw = gateway_with(&up, "shutdown_grace_seconds = 5");
+    let mut idle = common::Conn::open(gw.addr);
+    assert_eq!(idle.send(&get("/ok")).status, 200);
+    let started = std::time::Instant::now();
+    gw.signal("TERM");
+    assert!(idle.closed(), "an idle keep-alive connection is closed on shutdown");
+    // Well before the 5 s grace period: idle connections do not hold the shutdown up.
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    gw.wait_exit(Duration::from_secs(15));
+}

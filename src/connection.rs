@@ -1,0 +1,178 @@
+//! Client connections that cost little while idle.
+//!
+//! Pingora serves a keep-alive HTTP/1 connection from one task whose state is sized for the
+//! largest step of a request (TLS handshake, proxying), and allocates the next request's
+//! session and head buffer before the client sends a byte: about 40 KiB per idle connection.
+//! [`Connections`] runs each HTTP/1 connection in its own small task instead, which waits for
+//! the first bytes of the next request with no session and no buffer (the read goes to the
+//! stack), then hands those bytes to Pingora as the start of the request. HTTP/2 connections
+//! are left to Pingora as they are (their streams are separate tasks already).
+
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::BytesMut;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream, ServerApp};
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::{Stream, ALPN};
+use pingora::server::ShutdownWatch;
+use tokio::io::{AsyncRead, ReadBuf};
+
+/// How much of a new request one read takes; Pingora's own first head read is as large.
+const FIRST_READ: usize = 4096;
+
+/// A [`ServerApp`] that serves HTTP/1 connections of `app` with a small idle footprint.
+pub struct Connections<A> {
+    app: Arc<A>,
+    keepalive: Duration,
+}
+
+impl<A> Connections<A>
+where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    /// Serves `app`, closing a connection idle for `keepalive` between requests.
+    pub fn new(app: A, keepalive: Duration) -> Self {
+        Connections {
+            app: Arc::new(app),
+            keepalive,
+        }
+    }
+
+    /// One HTTP/1 connection: wait for a request's first bytes, let Pingora serve it, repeat.
+    async fn serve_h1(self: Arc<Self>, mut stream: Stream, mut shutdown: ShutdownWatch) {
+        let mut settings: Option<HttpPersistentSettings> = None;
+        loop {
+            let Some(first) = self.next_request(&mut stream, &mut shutdown).await else {
+                return; // closed, idle too long, or shutting down: dropping the stream closes it
+            };
+            let serving = self.serve_one(stream, settings.take(), first, &shutdown);
+            let Some(reused) = serving.await else {
+                return;
+            };
+            (stream, settings) = reused.consume();
+        }
+    }
+
+    /// Starts Pingora on one request whose first bytes are `first`. Not `async`: the session
+    /// is built on this call's stack and moved into Pingora's boxed future, so the
+    /// connection's own task never has room for one.
+    fn serve_one<'a>(
+        &'a self,
+        stream: Stream,
+        settings: Option<HttpPersistentSettings>,
+        first: BytesMut,
+        shutdown: &'a ShutdownWatch,
+    ) -> Pin<Box<dyn Future<Output = Option<ReusedHttpStream>> + Send + 'a>> {
+        let mut session = ServerSession::new_http1(stream);
+        match settings {
+            Some(previous) => previous.apply_to_session(&mut session),
+            None => {
+                session.set_keepalive(Some(self.keepalive.as_secs().max(1)));
+                session.set_keepalive_reuses_remaining(
+                    self.app
+                        .server_options()
+                        .and_then(|o| o.keepalive_request_limit),
+                );
+            }
+        }
+        session.set_pipelined_prefix(first);
+        self.app.process_new_http(session, shutdown)
+    }
+
+    /// The first bytes of the next request; `None` when the client closed, stayed idle past
+    /// the keep-alive timeout, or the server is shutting down (idle connections go first).
+    async fn next_request(
+        &self,
+        stream: &mut Stream,
+        shutdown: &mut ShutdownWatch,
+    ) -> Option<BytesMut> {
+        if *shutdown.borrow() {
+            return None;
+        }
+        tokio::select! {
+            read = first_bytes(stream) => read.ok().filter(|b| !b.is_empty()),
+            _ = tokio::time::sleep(self.keepalive) => None,
+            _ = shutdown.wait_for(|down| *down) => None,
+        }
+    }
+}
+
+/// Reads whatever the client sent next. The buffer lives on the stack of each poll, so a
+/// connection waiting here holds no buffer at all.
+async fn first_bytes(stream: &mut Stream) -> std::io::Result<BytesMut> {
+    poll_fn(|cx| {
+        let mut buf = [0u8; FIRST_READ];
+        let mut read = ReadBuf::new(&mut buf);
+        match Pin::new(&mut *stream).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) => {
+                let filled = read.filled();
+                let mut bytes = BytesMut::with_capacity(FIRST_READ.max(filled.len()));
+                bytes.extend_from_slice(filled);
+                Poll::Ready(Ok(bytes))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
+#[async_trait]
+impl<A> ServerApp for Connections<A>
+where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        match stream.selected_alpn_proto() {
+            None | Some(ALPN::H1) => {
+                // A task of its own, so the accepting task (sized for a TLS handshake) ends now.
+                tokio::spawn(self.clone().serve_h1(stream, shutdown.clone()));
+                None
+            }
+            _ => self.app.process_new(stream, shutdown).await,
+        }
+    }
+
+    async fn cleanup(&self) {
+        self.app.http_cleanup().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Nothing;
+
+    #[async_trait]
+    impl HttpServerApp for Nothing {
+        async fn process_new_http(
+            self: &Arc<Self>,
+            _: ServerSession,
+            _: &ShutdownWatch,
+        ) -> Option<ReusedHttpStream> {
+            None
+        }
+    }
+
+    /// The idle footprint is the connection task itself: keep it small.
+    #[test]
+    fn connection_task_is_small() {
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        let (stream, _client) = tokio::io::duplex(64);
+        let stream: Stream = Box::new(stream);
+        let app = Arc::new(Connections::new(Nothing, Duration::from_secs(1)));
+        let task = app.serve_h1(stream, rx);
+        let size = std::mem::size_of_val(&task);
+        assert!(size <= 1024, "connection task state is {size} bytes");
+    }
+}
