@@ -90,6 +90,7 @@ fn jwt(c: &mut Criterion) {
         audience: "get2dial-control".into(),
         leeway_seconds: 30,
         max_token_bytes: 4096,
+        cache_entries: 0,
     };
     let claims = serde_json::json!({"tid":"5b0c3e1e-6a7f-4c1d-9a0e-3f1b2c4d5e6f",
         "sub":"9d8c7b6a-5f4e-3d2c-1b0a-998877665544","email":"agent@example.com","role":"agent",
@@ -106,7 +107,14 @@ fn jwt(c: &mut Criterion) {
         .secrets
         .insert(0, b"newer-secret-0123456789abcdef".to_vec());
     let two = Verifier::new(&rotated);
+    let cached = Verifier::new(&Settings {
+        cache_entries: 10_000,
+        ..settings.clone()
+    });
     let mut g = c.benchmark_group("jwt_verify");
+    g.bench_function("hs256_valid_cached", |b| {
+        b.iter(|| cached.verify(black_box(&token)))
+    });
     g.bench_function("hs256_valid", |b| b.iter(|| one.verify(black_box(&token))));
     g.bench_function("hs256_valid_second_of_two_secrets", |b| {
         b.iter(|| two.verify(black_box(&token)))

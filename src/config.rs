@@ -419,6 +419,9 @@ pub struct FileJwt {
     /// Longest token accepted.
     #[serde(default = "default_max_token")]
     pub max_token_bytes: usize,
+    /// Verified tokens remembered until their `exp` (0: verify every request in full).
+    #[serde(default = "default_token_cache")]
+    pub cache_entries: usize,
 }
 
 fn default_issuer() -> String {
@@ -432,6 +435,9 @@ fn default_leeway() -> u64 {
 }
 fn default_max_token() -> usize {
     4096
+}
+fn default_token_cache() -> usize {
+    10_000
 }
 
 /// `[identity_headers]` as written.
@@ -1592,6 +1598,10 @@ impl Validator<'_> {
             audience: j.audience.clone(),
             leeway_seconds: j.leeway_seconds,
             max_token_bytes: j.max_token_bytes,
+            cache_entries: match j.cache_entries {
+                0..=1_000_000 => j.cache_entries,
+                _ => return Err(self.err("jwt.cache_entries", "must be at most 1000000")),
+            },
         })
     }
 }

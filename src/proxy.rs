@@ -63,7 +63,7 @@ pub struct Ctx {
     /// Request body bytes seen so far.
     body_bytes: u64,
     /// The verified caller, on token routes.
-    identity: Option<Identity>,
+    identity: Option<Arc<Identity>>,
     /// The client's address (the socket peer, or from a trusted proxy's X-Forwarded-For).
     client_ip: Option<std::net::IpAddr>,
     /// Rate-limit headers for the answer, when configured on allowed responses.
@@ -243,10 +243,13 @@ impl ProxyHttp for Gateway {
                 (_, None) => continue,
             };
             let decision = self.store.rate_check(&policy.limit, &key).await;
-            let headers = [
-                (RATELIMIT_POLICY, ratelimit::policy_header(&policy.limit)),
-                (RATELIMIT, ratelimit::state_header(&policy.limit, &decision)),
-            ];
+            // Built only when they go out: a refusal, or success with the headers switched on.
+            let headers = || {
+                [
+                    (RATELIMIT_POLICY, ratelimit::policy_header(&policy.limit)),
+                    (RATELIMIT, ratelimit::state_header(&policy.limit, &decision)),
+                ]
+            };
             if !decision.allowed {
                 self.metrics
                     .rate_limited
@@ -256,7 +259,7 @@ impl ProxyHttp for Gateway {
                     self.count_login("throttled");
                 }
                 let secs = ratelimit::retry_after_secs(decision.retry_after);
-                let [policy_h, state_h] = headers;
+                let [policy_h, state_h] = headers();
                 let extra = [
                     (header::RETRY_AFTER, HeaderValue::from(secs)),
                     policy_h,
@@ -265,7 +268,7 @@ impl ProxyHttp for Gateway {
                 return self.reject(session, ctx, 429, None, &extra).await;
             }
             if state.rate_headers_on_success {
-                ctx.rate_headers.extend(headers);
+                ctx.rate_headers.extend(headers());
             }
         }
 
@@ -399,7 +402,8 @@ impl ProxyHttp for Gateway {
                 upstream_request.insert_header(names.email.clone(), email.clone())?;
             }
         }
-        upstream_request.insert_header("x-forwarded-proto", "http")?;
+        let proto = if ctx.tls { "https" } else { "http" };
+        upstream_request.insert_header("x-forwarded-proto", proto)?;
         Ok(())
     }
 
@@ -697,7 +701,7 @@ fn authenticate(
     state: &State,
     session: &Session,
     route: &Route,
-) -> std::result::Result<Option<Identity>, Rejection> {
+) -> std::result::Result<Option<Arc<Identity>>, Rejection> {
     let req = session.req_header();
     match route.auth {
         Mode::Public => Ok(None),
@@ -725,7 +729,7 @@ fn authenticate(
     }
 }
 
-fn verify(state: &State, token: &str) -> std::result::Result<Identity, Rejection> {
+fn verify(state: &State, token: &str) -> std::result::Result<Arc<Identity>, Rejection> {
     match &state.jwt {
         Some(v) => v.verify(token),
         None => {

@@ -159,13 +159,22 @@ fn requests_arriving_in_pieces_are_served_whole() {
         "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
-    for piece in [&head[..5], &head[5..30], &head[30..], &body[..1000], &body[1000..]] {
+    for piece in [
+        &head[..5],
+        &head[5..30],
+        &head[30..],
+        &body[..1000],
+        &body[1000..],
+    ] {
         c.write(piece.as_bytes());
         std::thread::sleep(Duration::from_millis(50));
     }
     let r = c.read(false).expect("response");
     assert_eq!(r.status, 200);
-    assert!(r.text().ends_with(&body), "the whole body reached the upstream");
+    assert!(
+        r.text().ends_with(&body),
+        "the whole body reached the upstream"
+    );
     // A head larger than one read (12 KiB of headers), on the same connection.
     let big = format!(
         "GET /echo HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\nX-After: yes\r\n\r\n",
@@ -195,8 +204,15 @@ fn shutdown_closes_idle_connections_at_once() {
     assert_eq!(idle.send(&get("/ok")).status, 200);
     let started = std::time::Instant::now();
     gw.signal("TERM");
-    assert!(idle.closed(), "an idle keep-alive connection is closed on shutdown");
+    assert!(
+        idle.closed(),
+        "an idle keep-alive connection is closed on shutdown"
+    );
     // Well before the 5 s grace period: idle connections do not hold the shutdown up.
-    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
     gw.wait_exit(Duration::from_secs(15));
 }

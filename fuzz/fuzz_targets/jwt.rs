@@ -15,6 +15,7 @@ fn verifier() -> &'static Verifier {
             audience: "get2dial-control".into(),
             leeway_seconds: 30,
             max_token_bytes: 4096,
+            cache_entries: 64,
         })
     })
 }

@@ -1,4 +1,8 @@
 //! HS256 bearer tokens: the algorithm is pinned, several secrets may be active (rotation).
+//! Verified tokens are remembered (bounded, until their `exp`), so a client that sends the same
+//! token on every request pays for the signature and the claims once.
+
+use std::sync::Arc;
 
 use http::HeaderValue;
 use jsonwebtoken::errors::ErrorKind;
@@ -23,6 +27,8 @@ pub struct Settings {
     pub leeway_seconds: u64,
     /// Longest token accepted, in bytes.
     pub max_token_bytes: usize,
+    /// Verified tokens remembered; 0 verifies every request in full.
+    pub cache_entries: usize,
 }
 
 impl std::fmt::Debug for Settings {
@@ -36,6 +42,7 @@ impl std::fmt::Debug for Settings {
             .field("audience", &self.audience)
             .field("leeway_seconds", &self.leeway_seconds)
             .field("max_token_bytes", &self.max_token_bytes)
+            .field("cache_entries", &self.cache_entries)
             .finish()
     }
 }
@@ -45,6 +52,16 @@ pub struct Verifier {
     keys: Vec<DecodingKey>,
     validation: Validation,
     max_token_bytes: usize,
+    /// Verified tokens and until when (unix seconds) they stay valid. A reload builds a new
+    /// verifier, so a removed secret also drops what it verified.
+    cache: Option<quick_cache::sync::Cache<Box<str>, Verified>>,
+}
+
+/// A verified token's caller and the last second it is still accepted (`exp` plus leeway).
+#[derive(Clone)]
+struct Verified {
+    identity: Arc<Identity>,
+    valid_until: u64,
 }
 
 #[derive(Deserialize)]
@@ -54,6 +71,8 @@ struct Claims {
     role: Role,
     #[serde(default)]
     email: Option<String>,
+    /// Already checked by jsonwebtoken (required, numeric, not past); kept for the cache.
+    exp: f64,
 }
 
 impl Verifier {
@@ -75,18 +94,46 @@ impl Verifier {
                 .collect(),
             validation,
             max_token_bytes: settings.max_token_bytes,
+            cache: (settings.cache_entries > 0)
+                .then(|| quick_cache::sync::Cache::new(settings.cache_entries)),
         }
     }
 
     /// Verifies `token` and returns who it speaks for.
-    pub fn verify(&self, token: &str) -> Result<Identity, Rejection> {
+    pub fn verify(&self, token: &str) -> Result<Arc<Identity>, Rejection> {
         if token.len() > self.max_token_bytes {
             return Err(Rejection::TooLong);
         }
+        let Some(cache) = &self.cache else {
+            return self.verify_fully(token).map(|v| v.identity);
+        };
+        let now = jsonwebtoken::get_current_timestamp();
+        if let Some(hit) = cache.get(token) {
+            if now <= hit.valid_until {
+                return Ok(hit.identity);
+            }
+            // Expired since: the full check below names the rejection.
+            cache.remove(token);
+        }
+        let verified = self.verify_fully(token)?;
+        // Only accepted tokens are remembered: garbage cannot push them out faster than
+        // it costs to verify.
+        cache.insert(token.into(), verified.clone());
+        Ok(verified.identity)
+    }
+
+    fn verify_fully(&self, token: &str) -> Result<Verified, Rejection> {
         let mut last = Rejection::BadSignature;
         for key in &self.keys {
             match jsonwebtoken::decode::<Claims>(token, key, &self.validation) {
-                Ok(data) => return identity(data.claims),
+                Ok(data) => {
+                    let valid_until =
+                        (data.claims.exp.max(0.0) as u64).saturating_add(self.validation.leeway);
+                    return Ok(Verified {
+                        identity: Arc::new(identity(data.claims)?),
+                        valid_until,
+                    });
+                }
                 // Signed with another secret: try the next active one.
                 Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => {
                     last = Rejection::BadSignature;
@@ -155,6 +202,7 @@ mod tests {
             audience: "get2dial-control".into(),
             leeway_seconds: 5,
             max_token_bytes: 4096,
+            cache_entries: 100,
         }
     }
 
@@ -184,7 +232,7 @@ mod tests {
         assert_eq!(id.tenant, "t-1");
         assert_eq!(id.user, "u-1");
         assert_eq!(id.role, Role::Admin);
-        assert_eq!(id.email.unwrap(), "a@b.com");
+        assert_eq!(id.email.as_ref().unwrap(), "a@b.com");
     }
 
     #[test]
@@ -224,6 +272,41 @@ mod tests {
         let mut c = good();
         c["exp"] = json!(now() - 2);
         assert!(v.verify(&mint(c, SECRET)).is_ok());
+    }
+
+    #[test]
+    fn a_remembered_token_still_expires() {
+        let v = Verifier::new(&settings());
+        let mut c = good();
+        // Accepted now (within the 5 s leeway), rejected once exp + leeway has passed.
+        c["exp"] = json!(now() - 4);
+        let token = mint(c, SECRET);
+        assert!(v.verify(&token).is_ok());
+        assert!(v.verify(&token).is_ok(), "second time from the cache");
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+        assert_eq!(v.verify(&token).unwrap_err(), Rejection::Expired);
+    }
+
+    #[test]
+    fn the_cache_is_bounded_and_keeps_answers_exact() {
+        let v = Verifier::new(&settings());
+        let tokens: Vec<String> = (0..300)
+            .map(|i| {
+                let mut c = good();
+                c["sub"] = json!(format!("u-{i}"));
+                mint(c, SECRET)
+            })
+            .collect();
+        for _ in 0..2 {
+            for (i, t) in tokens.iter().enumerate() {
+                assert_eq!(v.verify(t).unwrap().user, format!("u-{i}").as_str());
+            }
+        }
+        let cache = v.cache.as_ref().unwrap();
+        assert!(cache.len() <= 100, "{} entries", cache.len());
+        // A forged signature is never answered from the cache, even for a cached payload.
+        let forged = format!("{}x", &tokens[0][..tokens[0].len() - 1]);
+        assert!(v.verify(&forged).is_err());
     }
 
     #[test]
