@@ -249,6 +249,9 @@ fn https_h1_and_h2_keep_the_contract() {
             .send()
             .unwrap();
         assert_eq!(r.status(), 200, "{label}");
+        // The upstream echoes what it got: it is told the client came over TLS.
+        let echoed = r.text().unwrap().to_ascii_lowercase();
+        assert!(echoed.contains("x-forwarded-proto: https\r\n"), "{label}: {echoed}");
     }
     let m = parse_metrics(&e.gw.metrics());
     assert_eq!(
@@ -259,9 +262,17 @@ fn https_h1_and_h2_keep_the_contract() {
         m.get(r#"gateway_http_requests_total{method="GET",route="api",status="401"}"#),
         Some(&2.0)
     );
-    // Plain HTTP carries no HSTS.
+    // Plain HTTP carries no HSTS, and the upstream hears it was plain.
     let r = e.gw.get("/u/ok");
     assert!(r.header("strict-transport-security").is_none());
+    let r = e.gw.send(
+        format!(
+            "GET /api/v1/calls HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\n\r\n",
+            token()
+        )
+        .as_bytes(),
+    );
+    assert!(r.text().to_ascii_lowercase().contains("x-forwarded-proto: http\r\n"));
 
     // curl, where the machine has it, over HTTP/2.
     if Command::new("curl").arg("--version").output().is_ok() {
