@@ -1,7 +1,8 @@
 //! The framework's ceiling for the load benchmark: a bare Pingora pass-through proxy (one
 //! `upstream_peer`, nothing else), built with the same Pingora version and profile as the gateway.
 //!
-//! `BARE_PROXY_LISTEN=127.0.0.1:7000 BARE_PROXY_UPSTREAM=127.0.0.1:7001 BARE_PROXY_THREADS=1 <bin>`;
+//! `BARE_PROXY_LISTEN=127.0.0.1:7000 BARE_PROXY_UPSTREAM=127.0.0.1:7001 BARE_PROXY_THREADS=1 <bin>`
+//! (`BARE_PROXY_WORK_STEALING=false` for Pingora's no-steal runtime, as the gateway can run);
 //! without `BARE_PROXY_LISTEN` it exits at once (so `cargo test --benches` passes over it).
 
 use async_trait::async_trait;
@@ -32,8 +33,10 @@ fn main() {
         .ok()
         .and_then(|t| t.parse().ok())
         .unwrap_or(1);
+    let work_stealing = std::env::var("BARE_PROXY_WORK_STEALING").map_or(true, |v| v != "false");
     let conf = ServerConf {
         threads,
+        work_stealing,
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);

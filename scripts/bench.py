@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Load benchmark: the gateway against a bare Pingora proxy (the framework's ceiling) and nginx,
-on the same machine, in the same run.
+"""Load benchmark: the gateway against a bare Pingora proxy (the framework's ceiling), nginx and
+HAProxy, on the same machine, in the same run.
 
 Layout (as in issue 10): the upstream (nginx, 1 worker) and the proxy under test share core 0,
 wrk runs on core 1 (1 thread, 64 connections). Each cell is the median of BENCH_RUNS runs of
@@ -25,6 +25,8 @@ SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 CONNS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
 IDLE = int(os.environ.get("BENCH_IDLE_CONNECTIONS", "10000"))
+# Pingora's runtime for both Pingora proxies: "true" (work stealing, the default) or "false".
+WORK_STEALING = os.environ.get("BENCH_WORK_STEALING", "true")
 SECRET = "bench-secret-0123456789abcdef0123"
 OK_BODY = '{"status":"success","data":{"id":"c-17"}}'  # 39 bytes
 HTML_500 = "<html><body><h1>500</h1><pre>Traceback: db-primary.internal refused</pre></body></html>"
@@ -56,15 +58,61 @@ def start(cmd, cpu, env=None, log=None):
     return subprocess.Popen(full, env=env, stdout=subprocess.DEVNULL, stderr=log or subprocess.DEVNULL)
 
 
-def vm(pid, field):
+def tree(pid):
+    """`pid` and its descendants (nginx's workers are children of its master)."""
+    pids = [pid]
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                for child in f.read().split():
+                    pids += tree(int(child))
     except OSError:
         pass
-    return 0
+    return pids
+
+
+def vm(pid, field):
+    """`field` of /proc/<pid>/status in KiB, summed over the process tree."""
+    total = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith(field + ":"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def idle_rss(pid, port):
+    """RSS (KiB) before and with IDLE keep-alive connections that each made one request.
+    Connections open in batches of CONNS (the load's concurrency): what is measured is idle
+    connections, not IDLE requests in flight at once."""
+    before = vm(pid, "VmRSS")
+    socks = []
+    while len(socks) < IDLE:
+        batch = []
+        for _ in range(min(CONNS, IDLE - len(socks))):
+            try:
+                s = socket.create_connection(("127.0.0.1", port), timeout=5)
+                s.sendall(b"GET /ok HTTP/1.1\r\nHost: b\r\n\r\n")
+                batch.append(s)
+            except OSError:
+                break
+        if not batch:
+            break
+        for s in batch:
+            try:
+                s.recv(4096)
+            except OSError:
+                pass
+        socks += batch
+    time.sleep(1)
+    after = vm(pid, "VmRSS")
+    for s in socks:
+        s.close()
+    return before, after, len(socks)
 
 
 def token():
@@ -121,9 +169,10 @@ def main():
     tmp = tempfile.mkdtemp(prefix="g2d-bench-")
     os.chmod(tmp, 0o755)  # nginx workers drop privileges and must read the 64 KiB file
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
     gateway = os.path.join(ROOT, "target/release/get2dial-gateway")
     bare = os.environ["BARE_PROXY_BIN"]
-    up, ngx, bare_port, gw, admin = (free_port() for _ in range(5))
+    up, ngx, hap, bare_port, gw, admin = (free_port() for _ in range(6))
     with open(os.path.join(tmp, "big.bin"), "wb") as f:
         f.write(bytes(i % 251 for i in range(64 * 1024)))
     os.chmod(os.path.join(tmp, "big.bin"), 0o644)
@@ -150,8 +199,30 @@ http {{ access_log off; keepalive_requests 10000000; keepalive_timeout 120s;
     location @envelope {{ default_type application/json; return 500 '{ENV_500}'; }}
   }}
 }}""")
+    write(f"{tmp}/haproxy.cfg", f"""
+global
+  nbthread 1
+  maxconn 30000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 120s
+  timeout server 120s
+  timeout http-keep-alive 120s
+  http-reuse always
+frontend px
+  bind 127.0.0.1:{hap}
+  use_backend intercept if {{ path /html-500 }}
+  default_backend up
+backend up
+  server up 127.0.0.1:{up}
+backend intercept
+  http-response return status 500 content-type application/json string '{ENV_500}' if {{ status 500 }}
+  server up 127.0.0.1:{up}
+""")
     write(f"{tmp}/gateway.toml", f"""
 [server]
+work_stealing = {WORK_STEALING}
 listen = "127.0.0.1:{gw}"
 admin_listen = "127.0.0.1:{admin}"
 threads = 1
@@ -208,8 +279,10 @@ end
         wait_port(up)
         targets = {
             "nginx": (start([nginx, "-c", f"{tmp}/proxy.conf", "-p", tmp], 0), ngx),
+            "haproxy": (start([haproxy, "-db", "-f", f"{tmp}/haproxy.cfg"], 0), hap),
             "bare pingora": (start([bare], 0, env=dict(os.environ, BARE_PROXY_LISTEN=f"127.0.0.1:{bare_port}",
-                                                        BARE_PROXY_UPSTREAM=f"127.0.0.1:{up}", BARE_PROXY_THREADS="1")), bare_port),
+                                                        BARE_PROXY_UPSTREAM=f"127.0.0.1:{up}", BARE_PROXY_THREADS="1",
+                                                        BARE_PROXY_WORK_STEALING=WORK_STEALING)), bare_port),
             "gateway": (start([gateway, "run", "--config", f"{tmp}/gateway.toml"], 0,
                               env=dict(os.environ, BENCH_JWT_SECRET=SECRET), log=open(f"{tmp}/gateway.log", "w")), gw),
         }
@@ -225,7 +298,7 @@ end
             {"name": "JWT + rate limit + metrics", "path": "/api/v1/calls", "headers": auth,
              "check": {"*": (200, OK_BODY)}},
             {"name": "upstream HTML 500 -> envelope", "path": "/html-500",
-             "check": {"gateway": (500, ENV_500), "nginx": (500, ENV_500), "bare pingora": (500, HTML_500)}},
+             "check": {"bare pingora": (500, HTML_500), "*": (500, ENV_500)}},
             {"name": "64 KiB success body", "path": "/big",
              "check": {"*": (200, None)}},
             {"name": "login guard (401, fresh emails)", "path": "/api/v1/auth/login", "lua": login_lua,
@@ -249,7 +322,8 @@ end
                 print(f"bench: {sc['name']:<32} {name:<13} {rps:>10.0f} req/s  p50 {p50:.2f} ms  p99 {p99:.2f} ms {errors}", file=sys.stderr)
 
         print()
-        print(f"{SECONDS}s x {RUNS} runs (median), {CONNS} connections, wrk on core 1, proxy and upstream on core 0")
+        print(f"{SECONDS}s x {RUNS} runs (median), {CONNS} connections, wrk on core 1, proxy and upstream "
+              f"on core 0, Pingora work_stealing = {WORK_STEALING}")
         print()
         print("| scenario | proxy | req/s | p50 ms | p99 ms | peak RSS MiB | vs bare Pingora | vs nginx |")
         print("|---|---|---|---|---|---|---|---|")
@@ -260,30 +334,15 @@ end
             print(f"| {s} | {n} | {r:.0f} | {p50:.2f} | {p99:.2f} | {rss / 1024:.1f} | "
                   f"{r / bare_r:.2f}x (p99 {p99 / bare_p99:.2f}x) | {r / ngx_r:.2f}x |")
 
-        # Idle keep-alive connections: RSS of the gateway holding IDLE of them.
-        gproc = targets["gateway"][0]
-        before = vm(gproc.pid, "VmRSS")
-        socks = []
-        for _ in range(IDLE):
-            try:
-                s = socket.create_connection(("127.0.0.1", gw), timeout=5)
-                s.sendall(b"GET /ok HTTP/1.1\r\nHost: b\r\n\r\n")
-                socks.append(s)
-            except OSError:
-                break
-        for s in socks:
-            s.settimeout(5)
-            try:
-                s.recv(4096)
-            except OSError:
-                pass
-        time.sleep(1)
-        after = vm(gproc.pid, "VmRSS")
+        # Idle keep-alive connections: RSS of each proxy holding IDLE of them.
         print()
-        print(f"gateway RSS with {len(socks)} idle keep-alive connections: {after / 1024:.1f} MiB "
-              f"(before {before / 1024:.1f} MiB, {(after - before) / max(len(socks), 1):.1f} KiB each)")
-        for s in socks:
-            s.close()
+        print(f"| RSS with {IDLE} idle keep-alive connections | before MiB | with them MiB | KiB each |")
+        print("|---|---|---|---|")
+        for name, (proc, port) in targets.items():
+            before, after, n = idle_rss(proc.pid, port)
+            note = "" if n == IDLE else f" (only {n} connected)"
+            print(f"| {name}{note} | {before / 1024:.1f} | {after / 1024:.1f} | "
+                  f"{(after - before) / max(n, 1):.1f} |")
     finally:
         for p in procs:
             p.terminate()

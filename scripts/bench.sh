@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# Load benchmark: gateway vs a bare Pingora proxy vs nginx, one table (see scripts/bench.py).
+# Load benchmark: gateway vs a bare Pingora proxy, nginx and HAProxy, one table (see scripts/bench.py).
 #   scripts/bench.sh                       # 10 s x 3 runs per cell
 #   BENCH_SECONDS=5 BENCH_RUNS=1 scripts/bench.sh
+#   BENCH_WORK_STEALING=false scripts/bench.sh  # both Pingora proxies on the no-steal runtime
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || {
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
   $sudo apt-get install -y -qq nginx-light >/dev/null || $sudo apt-get install -y -qq nginx >/dev/null
+}
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || {
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
+  $sudo apt-get install -y -qq haproxy >/dev/null
 }
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 cargo build --release --locked --bin get2dial-gateway
