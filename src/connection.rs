@@ -20,6 +20,7 @@ use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream, Ser
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::{Stream, ALPN};
 use pingora::server::ShutdownWatch;
+use pingora::time::fast_timeout::fast_timeout;
 use tokio::io::{AsyncRead, ReadBuf};
 
 /// How much of a new request one read takes; Pingora's own first head read is as large.
@@ -94,11 +95,16 @@ where
         if *shutdown.borrow() {
             return None;
         }
-        tokio::select! {
-            read = first_bytes(stream) => read.ok().filter(|b| !b.is_empty()),
-            _ = tokio::time::sleep(self.keepalive) => None,
-            _ = shutdown.wait_for(|down| *down) => None,
-        }
+        // Pingora's coarse shared timer (10 ms ticks), as its own keep-alive reads use: far
+        // cheaper per request than a timer of its own.
+        let next = async {
+            tokio::select! {
+                biased;
+                read = first_bytes(stream) => read.ok().filter(|b| !b.is_empty()),
+                _ = shutdown.wait_for(|down| *down) => None,
+            }
+        };
+        fast_timeout(self.keepalive, next).await.ok().flatten()
     }
 }
 

@@ -251,7 +251,10 @@ fn https_h1_and_h2_keep_the_contract() {
         assert_eq!(r.status(), 200, "{label}");
         // The upstream echoes what it got: it is told the client came over TLS.
         let echoed = r.text().unwrap().to_ascii_lowercase();
-        assert!(echoed.contains("x-forwarded-proto: https\r\n"), "{label}: {echoed}");
+        assert!(
+            echoed.contains("x-forwarded-proto: https\r\n"),
+            "{label}: {echoed}"
+        );
     }
     let m = parse_metrics(&e.gw.metrics());
     assert_eq!(
@@ -272,7 +275,10 @@ fn https_h1_and_h2_keep_the_contract() {
         )
         .as_bytes(),
     );
-    assert!(r.text().to_ascii_lowercase().contains("x-forwarded-proto: http\r\n"));
+    assert!(r
+        .text()
+        .to_ascii_lowercase()
+        .contains("x-forwarded-proto: http\r\n"));
 
     // curl, where the machine has it, over HTTP/2.
     if Command::new("curl").arg("--version").output().is_ok() {
