@@ -20,6 +20,10 @@ impl ProxyHttp for Bare {
     }
 }
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let Ok(listen) = std::env::var("BARE_PROXY_LISTEN") else {
         println!("bare_proxy: set BARE_PROXY_LISTEN and BARE_PROXY_UPSTREAM to run it (scripts/bench.sh does)");

@@ -280,19 +280,23 @@ end
     try:
         procs.append(start([nginx, "-c", f"{tmp}/up.conf", "-p", tmp], 0))
         wait_port(up)
-        targets = {
-            "nginx": (start([nginx, "-c", f"{tmp}/proxy.conf", "-p", tmp], 0), ngx),
-            "haproxy": (start([haproxy, "-db", "-f", f"{tmp}/haproxy.cfg"], 0), hap),
-            "bare pingora": (start([bare], 0, env=dict(os.environ, BARE_PROXY_LISTEN=f"127.0.0.1:{bare_port}",
-                                                        BARE_PROXY_UPSTREAM=f"127.0.0.1:{up}", BARE_PROXY_THREADS="1",
-                                                        BARE_PROXY_WORK_STEALING=WORK_STEALING)), bare_port),
-            "gateway": (start([gateway, "run", "--config", f"{tmp}/gateway.toml"], 0,
-                              env=dict(os.environ, BENCH_JWT_SECRET=SECRET), log=open(f"{tmp}/gateway.log", "w")), gw),
-        }
-        procs += [p for p, _ in targets.values()]
-        for _, port in targets.values():
-            wait_port(port)
+        def launch():
+            """The four proxies under test, each on core 0, listening when this returns."""
+            targets = {
+                "nginx": (start([nginx, "-c", f"{tmp}/proxy.conf", "-p", tmp], 0), ngx),
+                "haproxy": (start([haproxy, "-db", "-f", f"{tmp}/haproxy.cfg"], 0), hap),
+                "bare pingora": (start([bare], 0, env=dict(os.environ, BARE_PROXY_LISTEN=f"127.0.0.1:{bare_port}",
+                                                            BARE_PROXY_UPSTREAM=f"127.0.0.1:{up}", BARE_PROXY_THREADS="1",
+                                                            BARE_PROXY_WORK_STEALING=WORK_STEALING)), bare_port),
+                "gateway": (start([gateway, "run", "--config", f"{tmp}/gateway.toml"], 0,
+                                  env=dict(os.environ, BENCH_JWT_SECRET=SECRET), log=open(f"{tmp}/gateway.log", "a")), gw),
+            }
+            procs.extend(p for p, _ in targets.values())
+            for _, port in targets.values():
+                wait_port(port)
+            return targets
 
+        targets = launch()
         auth = {"Authorization": f"Bearer {token()}"}
         login_body = '{"email":"check@bench.example","password":"wrong"}'
         scenarios = [
@@ -337,7 +341,12 @@ end
             print(f"| {s} | {n} | {r:.0f} | {p50:.2f} | {p99:.2f} | {rss / 1024:.1f} | "
                   f"{r / bare_r:.2f}x (p99 {p99 / bare_p99:.2f}x) | {r / ngx_r:.2f}x |")
 
-        # Idle keep-alive connections: RSS of each proxy holding IDLE of them.
+        # Idle keep-alive connections: RSS of each proxy holding IDLE of them, on fresh processes
+        # (after the load the login flood's lockout table would be counted too).
+        for proc, _ in targets.values():
+            proc.terminate()
+            proc.wait(timeout=10)
+        targets = launch()
         print()
         print(f"| RSS with {IDLE} idle keep-alive connections | before MiB | with them MiB | KiB each |")
         print("|---|---|---|---|")

@@ -73,6 +73,10 @@ fn init_logging(level: &str, format: LogFormat) {
     }
 }
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (config_path, demo, upgrade) = match cli.command {

@@ -297,25 +297,44 @@ fn fail(entry: &mut Entry, now: Instant, policy: &LockoutPolicy) -> bool {
 /// Frees places in a full table: expired entries first, then a tenth of the table from the
 /// unlocked entries with the fewest failures and nothing in flight. Keys under attack (many
 /// failures, locked) stay. Evicting a batch keeps a flood of fresh emails at an amortised
-/// O(log n) per insert instead of a full scan each.
+/// O(1) per insert instead of a full scan each; the two passes copy no key, so the pause of
+/// one batch stays short (it runs under the table's lock).
 fn make_room(locks: &mut HashMap<Box<str>, Entry>, now: Instant) {
+    let mut ranks: Vec<(u32, Option<Instant>)> = Vec::with_capacity(locks.len());
     locks.retain(|_, e| {
         e.expire(now);
-        !e.is_idle()
+        if e.is_idle() {
+            return false;
+        }
+        if e.locked_until.is_none() && e.pending.is_empty() {
+            ranks.push((e.failures, e.forget_at));
+        }
+        true
     });
     let batch = (locks.len() / 10).max(1);
-    let mut candidates: Vec<(u32, Option<Instant>, Box<str>)> = locks
-        .iter()
-        .filter(|(_, e)| e.locked_until.is_none() && e.pending.is_empty())
-        .map(|(k, e)| (e.failures, e.forget_at, k.clone()))
-        .collect();
-    if candidates.len() > batch {
-        candidates.select_nth_unstable_by_key(batch - 1, |(f, at, _)| (*f, *at));
-        candidates.truncate(batch);
+    if ranks.is_empty() {
+        return;
     }
-    for (_, _, k) in candidates {
-        locks.remove(&k);
-    }
+    // The batch-th smallest rank is the cut: everything below goes, ties until the batch is full.
+    let cut_at = batch.min(ranks.len()) - 1;
+    let (_, cut, _) = ranks.select_nth_unstable(cut_at);
+    let cut = *cut;
+    let below = ranks.iter().filter(|r| **r < cut).count();
+    let mut ties = batch.min(ranks.len()) - below;
+    locks.retain(|_, e| {
+        if e.locked_until.is_some() || !e.pending.is_empty() {
+            return true;
+        }
+        let rank = (e.failures, e.forget_at);
+        if rank < cut {
+            false
+        } else if rank == cut && ties > 0 {
+            ties -= 1;
+            false
+        } else {
+            true
+        }
+    });
 }
 
 #[cfg(test)]
@@ -478,5 +497,42 @@ mod tests {
                 Reservation::Locked(_)
             ));
         });
+    }
+
+    #[test]
+    fn make_room_evicts_a_tenth_with_the_fewest_failures() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(60);
+        let mut locks: HashMap<Box<str>, Entry> = HashMap::new();
+        // 100 unlocked keys with 1..=5 failures (20 each), plus locked and in-flight keys.
+        for i in 0..100u32 {
+            let e = Entry {
+                failures: i % 5 + 1,
+                forget_at: Some(later),
+                ..Entry::default()
+            };
+            locks.insert(format!("k{i}").into(), e);
+        }
+        for i in 0..5 {
+            let locked = Entry {
+                failures: 10,
+                forget_at: Some(later),
+                locked_until: Some(later),
+                pending: Vec::new(),
+            };
+            locks.insert(format!("locked{i}").into(), locked);
+            let busy = Entry {
+                pending: vec![(1, later)],
+                ..Entry::default()
+            };
+            locks.insert(format!("busy{i}").into(), busy);
+        }
+        make_room(&mut locks, now);
+        // A tenth of 110 = 11 go: the 20 one-failure keys are the candidates, ties cut at 11.
+        assert_eq!(locks.len(), 99);
+        let ones = locks.values().filter(|e| e.failures == 1).count();
+        assert_eq!(ones, 9);
+        assert!((0..5).all(|i| locks.contains_key(format!("locked{i}").as_str())));
+        assert!((0..5).all(|i| locks.contains_key(format!("busy{i}").as_str())));
     }
 }
