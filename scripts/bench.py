@@ -344,7 +344,7 @@ end
         # Idle keep-alive connections: RSS of each proxy holding IDLE of them, on fresh processes
         # (after the load the login flood's lockout table would be counted too).
         for proc, _ in targets.values():
-            proc.terminate()
+            proc.kill()  # nothing to drain, and Pingora's graceful shutdown takes minutes
             proc.wait(timeout=10)
         targets = launch()
         print()

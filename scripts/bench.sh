@@ -3,7 +3,7 @@
 #   scripts/bench.sh                       # 10 s x 3 runs per cell
 #   BENCH_SECONDS=5 BENCH_RUNS=1 scripts/bench.sh
 #   BENCH_WORK_STEALING=false scripts/bench.sh  # both Pingora proxies on the no-steal runtime
-#   BENCH_FEATURES=mimalloc scripts/bench.sh     # both Pingora proxies with mimalloc
+#   BENCH_ALLOCATOR=system scripts/bench.sh      # both Pingora proxies on the system allocator
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -16,9 +16,9 @@ command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || {
   $sudo apt-get install -y -qq haproxy >/dev/null
 }
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
-# BENCH_FEATURES=mimalloc builds both Pingora proxies with mimalloc.
+# BENCH_ALLOCATOR=system builds both Pingora proxies without mimalloc (the default feature).
 features=()
-[ -z "${BENCH_FEATURES:-}" ] || features=(--features "$BENCH_FEATURES")
+[ "${BENCH_ALLOCATOR:-mimalloc}" = mimalloc ] || features=(--no-default-features)
 cargo build --release --locked "${features[@]}" --bin get2dial-gateway
 cargo build --release --locked "${features[@]}" --bench bare_proxy
 BARE_PROXY_BIN=$(ls -t target/release/deps/bare_proxy-* | grep -v '\.d$' | head -n 1)
