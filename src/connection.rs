@@ -11,7 +11,6 @@
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -114,16 +113,14 @@ async fn first_bytes(stream: &mut Stream) -> std::io::Result<BytesMut> {
     poll_fn(|cx| {
         let mut buf = [0u8; FIRST_READ];
         let mut read = ReadBuf::new(&mut buf);
-        match Pin::new(&mut *stream).poll_read(cx, &mut read) {
-            Poll::Ready(Ok(())) => {
-                let filled = read.filled();
-                let mut bytes = BytesMut::with_capacity(FIRST_READ.max(filled.len()));
-                bytes.extend_from_slice(filled);
-                Poll::Ready(Ok(bytes))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
-        }
+        Pin::new(&mut *stream)
+            .poll_read(cx, &mut read)
+            .map_ok(|()| {
+                // Room for the rest of a head that did not fit, as Pingora's own buffer would have.
+                let mut bytes = BytesMut::with_capacity(FIRST_READ);
+                bytes.extend_from_slice(read.filled());
+                bytes
+            })
     })
     .await
 }
