@@ -86,9 +86,9 @@ def vm(pid, field):
 
 
 def idle_rss(pid, port, limit):
-    """RSS (KiB) before and with IDLE keep-alive connections that each made one request.
+    """RSS (KiB) before and with `limit` keep-alive connections that each made one request.
     Connections open in batches of CONNS (the load's concurrency): what is measured is idle
-    connections, not IDLE requests in flight at once."""
+    connections, not `limit` requests in flight at once."""
     before = vm(pid, "VmRSS")
     socks = []
     while len(socks) < limit:

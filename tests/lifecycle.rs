@@ -9,9 +9,10 @@ use std::time::Duration;
 use common::upstream::Upstream;
 use common::{get, try_request, Gateway};
 
-fn gateway(up: &Upstream, grace: u64) -> Gateway {
+/// The gateway with `server` keys and one public route (`/u/`) to the test upstream.
+fn gateway(up: &Upstream, server: &str) -> Gateway {
     Gateway::start_full(
-        &format!("shutdown_grace_seconds = {grace}"),
+        server,
         &format!(
             r#"
 [[upstreams]]
@@ -35,7 +36,7 @@ auth = "public"
 #[test]
 fn sigterm_finishes_in_flight_requests_and_stops_accepting() {
     let up = Upstream::start();
-    let mut gw = gateway(&up, 2);
+    let mut gw = gateway(&up, "shutdown_grace_seconds = 2");
     let addr = gw.addr;
     // A request the upstream answers after 1.5 s, in flight when SIGTERM arrives.
     let slow =
@@ -61,7 +62,7 @@ fn sigterm_finishes_in_flight_requests_and_stops_accepting() {
 #[test]
 fn graceful_upgrade_drops_no_request() {
     let up = Upstream::start();
-    let mut old = gateway(&up, 1);
+    let mut old = gateway(&up, "shutdown_grace_seconds = 1");
     let addr = old.addr;
     let stop = Arc::new(AtomicBool::new(false));
     let (sent, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -116,47 +117,33 @@ fn graceful_upgrade_drops_no_request() {
     );
 }
 
-/// Gateway with `server` keys and one public route to the test upstream.
-fn gateway_with(up: &Upstream, server: &str) -> Gateway {
-    Gateway::start_full(
-        server,
-        &format!(
-            "[[upstreams]]\nname = \"app\"\nservers = [\"{}\"]\n\n\
-             [[routes]]\nname = \"app\"\npath_prefix = \"/\"\nupstream = \"app\"\nauth = \"public\"\n",
-            up.addr
-        ),
-        &[],
-        &[],
-    )
-}
-
 #[test]
 fn idle_connections_close_after_the_keepalive_timeout_and_busy_ones_stay() {
     let up = Upstream::start();
-    let gw = gateway_with(&up, "keepalive_timeout_seconds = 1");
+    let gw = gateway(&up, "keepalive_timeout_seconds = 1");
     let mut used = common::Conn::open(gw.addr);
-    assert_eq!(used.send(&get("/ok")).status, 200);
+    assert_eq!(used.send(&get("/u/ok")).status, 200);
     let mut silent = common::Conn::open(gw.addr);
     let mut busy = common::Conn::open(gw.addr);
     // Requests more often than the timeout keep a connection open.
     for _ in 0..6 {
-        assert_eq!(busy.send(&get("/ok")).status, 200);
+        assert_eq!(busy.send(&get("/u/ok")).status, 200);
         std::thread::sleep(Duration::from_millis(300));
     }
     assert!(used.closed(), "idle after a request: closed after 1 s");
     assert!(silent.closed(), "never sent a byte: closed after 1 s");
-    assert_eq!(busy.send(&get("/ok")).status, 200);
+    assert_eq!(busy.send(&get("/u/ok")).status, 200);
 }
 
 #[test]
 fn requests_arriving_in_pieces_are_served_whole() {
     let up = Upstream::start();
-    let gw = gateway_with(&up, "");
+    let gw = gateway(&up, "");
     let mut c = common::Conn::open(gw.addr);
     // A head in three pieces, then its body in two.
     let body = "x".repeat(3000);
     let head = format!(
-        "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
+        "POST /u/echo HTTP/1.1\r\nHost: t\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
     for piece in [
@@ -177,7 +164,7 @@ fn requests_arriving_in_pieces_are_served_whole() {
     );
     // A head larger than one read (12 KiB of headers), on the same connection.
     let big = format!(
-        "GET /echo HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\nX-After: yes\r\n\r\n",
+        "GET /u/echo HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\nX-After: yes\r\n\r\n",
         "b".repeat(12 * 1024)
     );
     let r = c.send(big.as_bytes());
@@ -187,7 +174,7 @@ fn requests_arriving_in_pieces_are_served_whole() {
     let body = "y".repeat(20_000);
     let r = c.send(
         format!(
-            "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+            "POST /u/echo HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         )
         .as_bytes(),
@@ -199,9 +186,9 @@ fn requests_arriving_in_pieces_are_served_whole() {
 #[test]
 fn shutdown_closes_idle_connections_at_once() {
     let up = Upstream::start();
-    let mut gw = gateway_with(&up, "shutdown_grace_seconds = 5");
+    let mut gw = gateway(&up, "shutdown_grace_seconds = 5");
     let mut idle = common::Conn::open(gw.addr);
-    assert_eq!(idle.send(&get("/ok")).status, 200);
+    assert_eq!(idle.send(&get("/u/ok")).status, 200);
     let started = std::time::Instant::now();
     gw.signal("TERM");
     assert!(
