@@ -9,6 +9,7 @@
 //! are left to Pingora as they are (their streams are separate tasks already).
 
 use std::future::{poll_fn, Future};
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,8 +20,8 @@ use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream, Ser
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::{Stream, ALPN};
 use pingora::server::ShutdownWatch;
-use pingora::time::fast_timeout::fast_timeout;
 use tokio::io::{AsyncRead, ReadBuf};
+use tokio::time::{sleep, Instant, Sleep};
 
 /// How much of a new request one read takes; Pingora's own first head read is as large.
 const FIRST_READ: usize = 4096;
@@ -46,8 +47,17 @@ where
     /// One HTTP/1 connection: wait for a request's first bytes, let Pingora serve it, repeat.
     async fn serve_h1(self: Arc<Self>, mut stream: Stream, mut shutdown: ShutdownWatch) {
         let mut settings: Option<HttpPersistentSettings> = None;
+        // One timer for the connection, not one per request: it is armed once for the idle
+        // deadline and, when it fires after the connection was busy meanwhile, moved to the
+        // current deadline. A wait between requests then only checks it.
+        let timer = sleep(self.keepalive);
+        tokio::pin!(timer);
         loop {
-            let Some(first) = self.next_request(&mut stream, &mut shutdown).await else {
+            let idle = Idle {
+                deadline: Instant::now() + self.keepalive,
+                timer: timer.as_mut(),
+            };
+            let Some(first) = self.next_request(&mut stream, &mut shutdown, idle).await else {
                 return; // closed, idle too long, or shutting down: dropping the stream closes it
             };
             let serving = self.serve_one(stream, settings.take(), first, &shutdown);
@@ -90,29 +100,40 @@ where
         &self,
         stream: &mut Stream,
         shutdown: &mut ShutdownWatch,
+        mut idle: Idle<'_>,
     ) -> Option<BytesMut> {
         if *shutdown.borrow() {
             return None;
         }
-        // Pingora's coarse shared timer (10 ms ticks), as its own keep-alive reads use: far
-        // cheaper per request than a timer of its own.
-        let next = async {
+        loop {
             tokio::select! {
                 biased;
-                read = first_bytes(stream) => read.ok().filter(|b| !b.is_empty()),
-                _ = shutdown.wait_for(|down| *down) => None,
+                read = first_bytes(stream) => return read.ok().filter(|b| !b.is_empty()),
+                _ = shutdown.wait_for(|down| *down) => return None,
+                _ = idle.timer.as_mut() => {
+                    if Instant::now() >= idle.deadline {
+                        return None;
+                    }
+                    idle.timer.as_mut().reset(idle.deadline);
+                }
             }
-        };
-        fast_timeout(self.keepalive, next).await.ok().flatten()
+        }
     }
 }
 
+/// How long a connection may stay idle from now, and its timer (which may be set earlier).
+struct Idle<'a> {
+    deadline: Instant,
+    timer: Pin<&'a mut Sleep>,
+}
+
 /// Reads whatever the client sent next. The buffer lives on the stack of each poll, so a
-/// connection waiting here holds no buffer at all.
+/// connection waiting here holds no buffer at all; it is left uninitialised because every
+/// poll that finds nothing to read would otherwise zero 4 KiB for nothing.
 async fn first_bytes(stream: &mut Stream) -> std::io::Result<BytesMut> {
     poll_fn(|cx| {
-        let mut buf = [0u8; FIRST_READ];
-        let mut read = ReadBuf::new(&mut buf);
+        let mut buf = [MaybeUninit::<u8>::uninit(); FIRST_READ];
+        let mut read = ReadBuf::uninit(&mut buf);
         Pin::new(&mut *stream)
             .poll_read(cx, &mut read)
             .map_ok(|()| {

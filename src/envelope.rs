@@ -138,7 +138,7 @@ pub async fn respond(
     session: &mut Session,
     status: u16,
     message: &str,
-    request_id: &str,
+    request_id: &HeaderValue,
     extra: &[(HeaderName, HeaderValue)],
 ) -> pingora::Result<()> {
     let body = body(message);
@@ -146,7 +146,7 @@ pub async fn respond(
     resp.insert_header(header::CONTENT_TYPE, CONTENT_TYPE)?;
     resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
     if !request_id.is_empty() {
-        resp.insert_header(REQUEST_ID, request_id)?;
+        resp.insert_header(REQUEST_ID, request_id.clone())?;
     }
     for (name, value) in extra {
         resp.append_header(name.clone(), value.clone())?;

@@ -1,5 +1,7 @@
 //! The request's way through the gateway, phase by phase, as Pingora calls them.
 
+use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,7 +53,7 @@ pub struct Ctx {
     /// The configuration this request runs under, from start to end.
     state: Arc<State>,
     start: Instant,
-    request_id: String,
+    request_id: HeaderValue,
     route: Option<Arc<Route>>,
     /// Upstream error rewrite in progress, if the upstream answered >= 400 with a body.
     rewrite: Option<Rewrite>,
@@ -90,7 +92,7 @@ impl ProxyHttp for Gateway {
         Ctx {
             state: self.state.load_full(),
             start: Instant::now(),
-            request_id: String::new(),
+            request_id: HeaderValue::from_static(""),
             route: None,
             rewrite: None,
             empty_error: None,
@@ -232,13 +234,11 @@ impl ProxyHttp for Gateway {
         // 9. Rate limits.
         for policy in &route.rate_limits {
             let key = match (policy.key, &ctx.identity) {
-                (KeyKind::Ip, _) => ctx.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
-                (KeyKind::User, Some(id)) => {
-                    String::from_utf8_lossy(id.user.as_bytes()).into_owned()
+                (KeyKind::Ip, _) => {
+                    Cow::Owned(ctx.client_ip.map(|ip| ip.to_string()).unwrap_or_default())
                 }
-                (KeyKind::Tenant, Some(id)) => {
-                    String::from_utf8_lossy(id.tenant.as_bytes()).into_owned()
-                }
+                (KeyKind::User, Some(id)) => text(&id.user),
+                (KeyKind::Tenant, Some(id)) => text(&id.tenant),
                 // Config validation keeps user/tenant keys to token routes.
                 (_, None) => continue,
             };
@@ -376,22 +376,24 @@ impl ProxyHttp for Gateway {
         upstream_request: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        upstream_request.insert_header(envelope::REQUEST_ID, &ctx.request_id)?;
+        upstream_request.insert_header(envelope::REQUEST_ID, ctx.request_id.clone())?;
         if let Some(peer) = peer_ip(session) {
             // Behind a trusted proxy the chain grows by that proxy; otherwise a client-sent
             // X-Forwarded-For is replaced by the peer.
-            let chain = match upstream_request.headers.get(X_FORWARDED_FOR) {
-                Some(prev) if ctx.state.trusted_proxies.trusts(peer) => {
-                    format!("{}, {peer}", String::from_utf8_lossy(prev.as_bytes()))
+            let mut chain = String::with_capacity(64);
+            if let Some(prev) = upstream_request.headers.get(X_FORWARDED_FOR) {
+                if ctx.state.trusted_proxies.trusts(peer) {
+                    chain.push_str(&String::from_utf8_lossy(prev.as_bytes()));
+                    chain.push_str(", ");
                 }
-                _ => peer.to_string(),
-            };
+            }
+            let _ = write!(chain, "{peer}");
             upstream_request.insert_header(X_FORWARDED_FOR, chain)?;
         }
         // Identity headers come from the gateway only: whatever the client sent goes, on every
         // route, before the verified values are set.
         let names = &ctx.state.identity_headers;
-        for name in names.all() {
+        for name in present(&upstream_request.headers, names.all()) {
             upstream_request.remove_header(name);
         }
         if let Some(id) = &ctx.identity {
@@ -446,18 +448,15 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        upstream_response.insert_header(envelope::REQUEST_ID, &ctx.request_id)?;
+        upstream_response.insert_header(envelope::REQUEST_ID, ctx.request_id.clone())?;
         for (name, value) in &ctx.rate_headers {
             upstream_response.append_header(name.clone(), value.clone())?;
         }
         // Internals of the upstream stay inside; CORS is the edge's alone.
-        for name in &ctx.state.security.remove_response_headers {
+        let removed = ctx.state.security.remove_response_headers.iter();
+        let cors = ctx.state.cors.iter().flat_map(|_| &CORS_RESPONSE_HEADERS);
+        for name in present(&upstream_response.headers, removed.chain(cors)) {
             upstream_response.remove_header(name);
-        }
-        if ctx.state.cors.is_some() {
-            for name in CORS_RESPONSE_HEADERS {
-                upstream_response.remove_header(&name);
-            }
         }
         for (name, value) in edge_headers(ctx) {
             upstream_response.append_header(name, value)?;
@@ -552,7 +551,7 @@ impl ProxyHttp for Gateway {
             // The path only: a query may carry a token (`?token=` on WebSocket routes).
             tracing::info!(
                 target: "access",
-                request_id = %ctx.request_id,
+                request_id = request_id::as_str(&ctx.request_id),
                 route,
                 method = %session.req_header().method,
                 path = session.req_header().uri.path(),
@@ -599,7 +598,7 @@ impl Gateway {
         }
         resp.insert_header(header::VARY, "Origin")?;
         resp.insert_header(header::CONTENT_LENGTH, "0")?;
-        resp.insert_header(envelope::REQUEST_ID, &ctx.request_id)?;
+        resp.insert_header(envelope::REQUEST_ID, ctx.request_id.clone())?;
         session.write_response_header(Box::new(resp), true).await?;
         Ok(true)
     }
@@ -627,7 +626,7 @@ impl Gateway {
         let mut resp = ResponseHeader::build(308, Some(3))?;
         resp.insert_header(header::LOCATION, location)?;
         resp.insert_header(header::CONTENT_LENGTH, "0")?;
-        resp.insert_header(envelope::REQUEST_ID, &ctx.request_id)?;
+        resp.insert_header(envelope::REQUEST_ID, ctx.request_id.clone())?;
         session.write_response_header(Box::new(resp), true).await?;
         Ok(true)
     }
@@ -646,7 +645,12 @@ impl Gateway {
             .auth_rejections
             .with_label_values(&[route, rejection.label()])
             .inc();
-        tracing::debug!(route, reason = rejection.label(), request_id = %ctx.request_id, "refused");
+        tracing::debug!(
+            route,
+            reason = rejection.label(),
+            request_id = request_id::as_str(&ctx.request_id),
+            "refused"
+        );
         let status = rejection.status();
         if status == 401 {
             let challenge = [(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))];
@@ -822,6 +826,32 @@ fn host_without_port(host: &str) -> &str {
         return host.split_inclusive(']').next().unwrap_or(host);
     }
     host.split(':').next().unwrap_or(host)
+}
+
+/// The names among `names` that `headers` holds: one pass comparing names, instead of a hashed
+/// lookup (in two maps, in Pingora's headers) per name; nothing is allocated when none is
+/// present, the usual case.
+fn present<'n, N>(headers: &http::HeaderMap, names: N) -> Vec<&'n HeaderName>
+where
+    N: IntoIterator<Item = &'n HeaderName> + Clone,
+{
+    let mut found: Vec<&HeaderName> = Vec::new();
+    for name in headers.keys() {
+        if let Some(n) = names.clone().into_iter().find(|&n| n == name) {
+            if !found.contains(&n) {
+                found.push(n);
+            }
+        }
+    }
+    found
+}
+
+/// A header value as text, borrowed unless it holds non-ASCII bytes.
+fn text(value: &HeaderValue) -> Cow<'_, str> {
+    match value.to_str() {
+        Ok(text) => Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(value.as_bytes()),
+    }
 }
 
 /// The socket peer's address.

@@ -1,5 +1,6 @@
 //! Request ids: a client's `X-Request-Id` is kept when it is sane, otherwise one is made.
 
+use http::HeaderValue;
 use pingora::http::RequestHeader;
 
 use crate::envelope::REQUEST_ID;
@@ -8,12 +9,23 @@ use crate::envelope::REQUEST_ID;
 const MAX_LEN: usize = 128;
 
 /// The request's id: the client's if it is 1..=128 characters of `[A-Za-z0-9._:-]`,
-/// otherwise a new UUIDv4 (simple form).
-pub fn take_or_make(req: &RequestHeader) -> String {
-    match req.headers.get(REQUEST_ID).map(|v| v.as_bytes()) {
-        Some(v) if is_sane(v) => String::from_utf8_lossy(v).into_owned(),
-        _ => uuid::Uuid::new_v4().simple().to_string(),
+/// otherwise a new UUIDv4 (simple form). A header value, so that echoing it to the upstream
+/// and the client shares one buffer instead of copying a string twice per request.
+pub fn take_or_make(req: &RequestHeader) -> HeaderValue {
+    match req.headers.get(REQUEST_ID) {
+        Some(v) if is_sane(v.as_bytes()) => v.clone(),
+        _ => {
+            let mut buf = [0u8; uuid::fmt::Simple::LENGTH];
+            let id = uuid::Uuid::new_v4().simple().encode_lower(&mut buf);
+            // 32 lowercase hex digits are always a valid header value.
+            HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("-"))
+        }
     }
+}
+
+/// The id as text, for logs (a kept or made id is always ASCII).
+pub fn as_str(id: &HeaderValue) -> &str {
+    id.to_str().unwrap_or_default()
 }
 
 fn is_sane(v: &[u8]) -> bool {
@@ -41,7 +53,10 @@ mod tests {
         for bad in ["", "a b", "<script>", &"x".repeat(129)] {
             let id = take_or_make(&req(Some(bad)));
             assert_eq!(id.len(), 32, "{bad}");
+            assert!(as_str(&id).bytes().all(|b| b.is_ascii_hexdigit()), "{id:?}");
         }
-        assert_eq!(take_or_make(&req(None)).len(), 32);
+        let made = take_or_make(&req(None));
+        assert_eq!(made.len(), 32);
+        assert_ne!(made, take_or_make(&req(None)));
     }
 }

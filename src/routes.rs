@@ -140,29 +140,50 @@ impl RouteTable {
 /// meant: not starting with `/`, empty segments (`//`), `.` or `..` segments, backslashes,
 /// control characters, and percent-encoded dots, slashes, backslashes or control bytes.
 pub fn is_unsafe_path(path: &str) -> bool {
-    if !path.starts_with('/') {
+    let bytes = path.as_bytes();
+    if bytes.first() != Some(&b'/') {
         return true;
     }
-    let bytes = path.as_bytes();
-    for (i, &b) in bytes.iter().enumerate() {
+    // One pass over the bytes: this runs on every request.
+    let dot_segment = |seg: &[u8]| seg == b"." || seg == b"..";
+    let mut segment_start = 1;
+    for (i, &b) in bytes.iter().enumerate().skip(1) {
         match b {
-            b'\\' => return true,
-            b if b.is_ascii_control() || b == b' ' => return true,
-            b'%' => {
-                let hex = bytes
-                    .get(i + 1..i + 3)
-                    .and_then(|h| std::str::from_utf8(h).ok());
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(b'.' | b'/' | b'\\') => return true,
-                    Some(c) if c.is_ascii_control() => return true,
-                    Some(_) => {}
-                    None => return true, // malformed percent-encoding
+            b'/' => {
+                let segment = &bytes[segment_start..i];
+                if segment.is_empty() || dot_segment(segment) {
+                    return true;
                 }
+                segment_start = i + 1;
             }
+            b'\\' | b' ' => return true,
+            b if b.is_ascii_control() => return true,
+            b'%' => match (
+                bytes.get(i + 1).and_then(hex),
+                bytes.get(i + 2).and_then(hex),
+            ) {
+                (Some(hi), Some(lo)) => {
+                    let decoded = hi << 4 | lo;
+                    if matches!(decoded, b'.' | b'/' | b'\\') || decoded.is_ascii_control() {
+                        return true;
+                    }
+                }
+                _ => return true, // malformed percent-encoding
+            },
             _ => {}
         }
     }
-    path.contains("//") || path.split('/').any(|seg| seg == "." || seg == "..")
+    dot_segment(&bytes[segment_start..])
+}
+
+/// The value of one hex digit.
+fn hex(b: &u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -233,6 +254,14 @@ mod tests {
             "/api\\v1",
             "api/v1",
             "",
+            "/api/..",
+            "/.",
+            "/a/.",
+            "/a/%2",
+            "/a/%",
+            "/a%00",
+            "/a b",
+            "/a\tb",
         ] {
             assert!(is_unsafe_path(p), "{p}");
         }
@@ -242,6 +271,9 @@ mod tests {
             "/api/v1/x%20y",
             "/a/b.c/..d",
             "/api/v1/users/1",
+            "/a/.../b",
+            "/a/.b/",
+            "/%41%62",
         ] {
             assert!(!is_unsafe_path(p), "{p}");
         }

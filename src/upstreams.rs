@@ -28,8 +28,9 @@ pub struct Pool {
     settings: config::Upstream,
     /// When the health check is due next (`None`: now).
     next_check: Mutex<Option<Instant>>,
-    /// CA certificates for upstream TLS, parsed once.
-    ca: Option<Arc<CaType>>,
+    /// One ready peer per server, in the order of `servers`: cloned per request instead of
+    /// built, and for a lone unchecked server chosen without asking the balancer.
+    peers: Vec<HttpPeer>,
 }
 
 impl Pool {
@@ -49,39 +50,29 @@ impl Pool {
                 .collect();
             Arc::<CaType>::from(wrapped.into_boxed_slice())
         });
+        let peers = u.servers.iter().map(|&addr| peer(u, addr, &ca)).collect();
         Ok(Pool {
             name: u.name.clone(),
             balancer,
             server_count: u.servers.len(),
             settings: u.clone(),
             next_check: Mutex::new(None),
-            ca,
+            peers,
         })
     }
 
     /// A peer for the next healthy server, or `None` when every server is down.
     pub fn select(&self) -> Option<Box<HttpPeer>> {
-        let backend = self.balancer.select(b"", self.server_count.max(1))?;
-        let addr = *backend.addr.as_inet()?;
-        let tls = self.settings.tls.as_ref();
-        // Without a configured name (only allowed with verification off) the address stands in.
-        let sni = match tls {
-            Some(t) if !t.sni.is_empty() => t.sni.clone(),
-            Some(_) => addr.ip().to_string(),
-            None => String::new(),
+        let peer = match self.peers.as_slice() {
+            // Nothing to balance and no health to consult.
+            [only] if self.settings.health_check_interval.is_none() => only,
+            peers => {
+                let backend = self.balancer.select(b"", self.server_count.max(1))?;
+                let addr = backend.addr.as_inet()?;
+                peers.iter().find(|p| p._address.as_inet() == Some(addr))?
+            }
         };
-        let mut peer = Box::new(HttpPeer::new(addr, tls.is_some(), sni));
-        let o = &mut peer.options;
-        if let Some(t) = tls {
-            o.verify_cert = t.verify;
-            o.verify_hostname = t.verify;
-            o.ca = self.ca.clone();
-        }
-        o.connection_timeout = Some(self.settings.connect_timeout);
-        o.read_timeout = Some(self.settings.read_timeout);
-        o.write_timeout = Some(self.settings.write_timeout);
-        o.idle_timeout = Some(self.settings.idle_timeout);
-        Some(peer)
+        Some(Box::new(peer.clone()))
     }
 
     /// Runs the health check when it is due.
@@ -130,4 +121,27 @@ impl BackgroundService for HealthChecks {
             }
         }
     }
+}
+
+/// The peer for one server of `u`, with the upstream's timeouts and TLS settings.
+fn peer(u: &config::Upstream, addr: std::net::SocketAddr, ca: &Option<Arc<CaType>>) -> HttpPeer {
+    let tls = u.tls.as_ref();
+    // Without a configured name (only allowed with verification off) the address stands in.
+    let sni = match tls {
+        Some(t) if !t.sni.is_empty() => t.sni.clone(),
+        Some(_) => addr.ip().to_string(),
+        None => String::new(),
+    };
+    let mut peer = HttpPeer::new(addr, tls.is_some(), sni);
+    let o = &mut peer.options;
+    if let Some(t) = tls {
+        o.verify_cert = t.verify;
+        o.verify_hostname = t.verify;
+        o.ca = ca.clone();
+    }
+    o.connection_timeout = Some(u.connect_timeout);
+    o.read_timeout = Some(u.read_timeout);
+    o.write_timeout = Some(u.write_timeout);
+    o.idle_timeout = Some(u.idle_timeout);
+    peer
 }
