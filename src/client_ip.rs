@@ -61,6 +61,32 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Appends `ip` as text: IPv4 by hand (the formatting machinery costs ~1k instructions, on
+/// every proxied request), IPv6 as `Display` writes it.
+pub fn write_ip(out: &mut Vec<u8>, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                if octet >= 100 {
+                    out.push(b'0' + octet / 100);
+                }
+                if octet >= 10 {
+                    out.push(b'0' + octet / 10 % 10);
+                }
+                out.push(b'0' + octet % 10);
+            }
+        }
+        IpAddr::V6(v6) => {
+            use std::io::Write as _;
+            // Writing to a Vec cannot fail.
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,5 +132,24 @@ mod tests {
             t.client(ip("10.0.0.1"), &xff(&["junk, 10.0.0.4"])),
             ip("10.0.0.4")
         );
+    }
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        for text in [
+            "0.0.0.0",
+            "1.2.3.4",
+            "10.20.30.40",
+            "100.199.255.9",
+            "255.255.255.255",
+            "127.0.0.1",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+            "::ffff:1.2.3.4",
+        ] {
+            let mut out = b"x ".to_vec();
+            write_ip(&mut out, ip(text));
+            assert_eq!(out, format!("x {}", ip(text)).into_bytes(), "{text}");
+        }
     }
 }

@@ -11,6 +11,7 @@
 use std::future::{poll_fn, Future};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use pingora::protocols::http::ServerSession;
 use pingora::protocols::{Stream, ALPN};
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, ReadBuf};
+use tokio::sync::{futures::Notified, Notify};
 use tokio::time::{sleep, Instant, Sleep};
 
 /// How much of a new request one read takes; Pingora's own first head read is as large.
@@ -30,6 +32,10 @@ const FIRST_READ: usize = 4096;
 pub struct Connections<A> {
     app: Arc<A>,
     keepalive: Duration,
+    /// Set when the server shuts down (see `cleanup`): idle connections close at once.
+    closing: AtomicBool,
+    /// Wakes the connections waiting for a request when `closing` is set.
+    closed: Notify,
 }
 
 impl<A> Connections<A>
@@ -41,23 +47,35 @@ where
         Connections {
             app: Arc::new(app),
             keepalive,
+            closing: AtomicBool::new(false),
+            closed: Notify::new(),
         }
     }
 
     /// One HTTP/1 connection: wait for a request's first bytes, let Pingora serve it, repeat.
-    async fn serve_h1(self: Arc<Self>, mut stream: Stream, mut shutdown: ShutdownWatch) {
+    async fn serve_h1(self: Arc<Self>, mut stream: Stream, shutdown: ShutdownWatch) {
         let mut settings: Option<HttpPersistentSettings> = None;
         // One timer for the connection, not one per request: it is armed once for the idle
         // deadline and, when it fires after the connection was busy meanwhile, moved to the
         // current deadline. A wait between requests then only checks it.
         let timer = sleep(self.keepalive);
         tokio::pin!(timer);
+        // Likewise one shutdown registration for the connection's life (a `watch` wait per
+        // request registers and unregisters a waiter every time). Registered before the flag
+        // is read, so a shutdown after that read still wakes it.
+        let closed = self.closed.notified();
+        tokio::pin!(closed);
+        closed.as_mut().enable();
         loop {
-            let idle = Idle {
+            if self.closing.load(Ordering::Acquire) {
+                return;
+            }
+            let wait = Wait {
                 deadline: Instant::now() + self.keepalive,
                 timer: timer.as_mut(),
+                closed: closed.as_mut(),
             };
-            let Some(first) = self.next_request(&mut stream, &mut shutdown, idle).await else {
+            let Some(first) = next_request(&mut stream, wait).await else {
                 return; // closed, idle too long, or shutting down: dropping the stream closes it
             };
             let serving = self.serve_one(stream, settings.take(), first, &shutdown);
@@ -93,38 +111,32 @@ where
         session.set_pipelined_prefix(first);
         self.app.process_new_http(session, shutdown)
     }
+}
 
-    /// The first bytes of the next request; `None` when the client closed, stayed idle past
-    /// the keep-alive timeout, or the server is shutting down (idle connections go first).
-    async fn next_request(
-        &self,
-        stream: &mut Stream,
-        shutdown: &mut ShutdownWatch,
-        mut idle: Idle<'_>,
-    ) -> Option<BytesMut> {
-        if *shutdown.borrow() {
-            return None;
-        }
-        loop {
-            tokio::select! {
-                biased;
-                read = first_bytes(stream) => return read.ok().filter(|b| !b.is_empty()),
-                _ = shutdown.wait_for(|down| *down) => return None,
-                _ = idle.timer.as_mut() => {
-                    if Instant::now() >= idle.deadline {
-                        return None;
-                    }
-                    idle.timer.as_mut().reset(idle.deadline);
+/// The first bytes of the next request; `None` when the client closed, stayed idle past the
+/// keep-alive timeout, or the server is shutting down (idle connections go first).
+async fn next_request(stream: &mut Stream, mut wait: Wait<'_, '_>) -> Option<BytesMut> {
+    loop {
+        tokio::select! {
+            biased;
+            read = first_bytes(stream) => return read.ok().filter(|b| !b.is_empty()),
+            _ = wait.closed.as_mut() => return None,
+            _ = wait.timer.as_mut() => {
+                if Instant::now() >= wait.deadline {
+                    return None;
                 }
+                wait.timer.as_mut().reset(wait.deadline);
             }
         }
     }
 }
 
-/// How long a connection may stay idle from now, and its timer (which may be set earlier).
-struct Idle<'a> {
+/// What ends a wait for the next request: the idle deadline (its timer may be set earlier)
+/// and the server shutting down.
+struct Wait<'t, 'n> {
     deadline: Instant,
-    timer: Pin<&'a mut Sleep>,
+    timer: Pin<&'t mut Sleep>,
+    closed: Pin<&'t mut Notified<'n>>,
 }
 
 /// Reads whatever the client sent next. The buffer lives on the stack of each poll, so a
@@ -167,6 +179,10 @@ where
     }
 
     async fn cleanup(&self) {
+        // Called once the listeners stopped: idle connections close now, busy ones after
+        // their answer (Pingora turns keep-alive off when shutting down).
+        self.closing.store(true, Ordering::Release);
+        self.closed.notify_waiters();
         self.app.http_cleanup().await;
     }
 }

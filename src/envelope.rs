@@ -128,8 +128,11 @@ pub fn normalise(status: u16, body_bytes: &[u8]) -> Bytes {
     default_body(status)
 }
 
-/// Header carrying the request id on every answer.
+/// Header carrying the request id on every answer. A `&'static str` for Pingora's inserts,
+/// which take it without copying; [`REQUEST_ID_HEADER`] for lookups and plain header maps.
 pub const REQUEST_ID: &str = "x-request-id";
+/// [`REQUEST_ID`] as a parsed header name.
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static(REQUEST_ID);
 
 /// Writes a gateway-made error to the client: status, envelope body, `Content-Type`,
 /// `Content-Length`, the request id and any `extra` headers (`Allow`, `Retry-After`, ...).

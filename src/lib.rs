@@ -76,6 +76,7 @@ pub fn build_server(
         graceful_shutdown_timeout_seconds: Some(grace + 5),
         upgrade_sock: config.server.upgrade_sock.display().to_string(),
         work_stealing: config.server.work_stealing,
+        fast_timeout_to_tokio_threshold_seconds: Some(0),
         ..ServerConf::default()
     };
     // With `upgrade`, bootstrap takes the listening sockets from the running process that got

@@ -1,9 +1,11 @@
 //! Metric families exported on the admin port. Labels are route names, methods and codes only,
 //! never raw paths, users or addresses, so the series count stays bounded.
 
+use std::sync::OnceLock;
+
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every metric the gateway exports, registered in its own registry.
@@ -159,51 +161,158 @@ impl Metrics {
     }
 }
 
+/// Methods with a label of their own; everything else is `OTHER`.
+const METHODS: [&str; 8] = [
+    "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "OTHER",
+];
+
+/// Status codes whose label is a constant and whose counter a route resolves once.
+const COMMON: [(u16, &str); 24] = [
+    (200, "200"),
+    (201, "201"),
+    (204, "204"),
+    (301, "301"),
+    (302, "302"),
+    (304, "304"),
+    (400, "400"),
+    (401, "401"),
+    (403, "403"),
+    (404, "404"),
+    (405, "405"),
+    (408, "408"),
+    (409, "409"),
+    (413, "413"),
+    (422, "422"),
+    (429, "429"),
+    (431, "431"),
+    (500, "500"),
+    (501, "501"),
+    (502, "502"),
+    (503, "503"),
+    (504, "504"),
+    (101, "101"),
+    (0, "0"),
+];
+
+fn method_slot(method: &http::Method) -> usize {
+    use http::Method as M;
+    [
+        M::GET,
+        M::HEAD,
+        M::POST,
+        M::PUT,
+        M::PATCH,
+        M::DELETE,
+        M::OPTIONS,
+    ]
+    .iter()
+    .position(|m| m == method)
+    .unwrap_or(METHODS.len() - 1)
+}
+
+fn status_slot(status: u16) -> Option<usize> {
+    COMMON.iter().position(|(c, _)| *c == status)
+}
+
 /// A method label from a bounded set, so odd methods cannot grow the series count.
 pub fn method_label(method: &http::Method) -> &'static str {
-    match method.as_str() {
-        "GET" => "GET",
-        "HEAD" => "HEAD",
-        "POST" => "POST",
-        "PUT" => "PUT",
-        "PATCH" => "PATCH",
-        "DELETE" => "DELETE",
-        "OPTIONS" => "OPTIONS",
-        _ => "OTHER",
-    }
+    METHODS[method_slot(method)]
 }
 
 /// A status label without allocating for the common codes.
 pub fn status_label(status: u16) -> std::borrow::Cow<'static, str> {
-    const COMMON: [(u16, &str); 24] = [
-        (200, "200"),
-        (201, "201"),
-        (204, "204"),
-        (301, "301"),
-        (302, "302"),
-        (304, "304"),
-        (400, "400"),
-        (401, "401"),
-        (403, "403"),
-        (404, "404"),
-        (405, "405"),
-        (408, "408"),
-        (409, "409"),
-        (413, "413"),
-        (422, "422"),
-        (429, "429"),
-        (431, "431"),
-        (500, "500"),
-        (501, "501"),
-        (502, "502"),
-        (503, "503"),
-        (504, "504"),
-        (101, "101"),
-        (0, "0"),
-    ];
-    COMMON
-        .iter()
-        .find(|(c, _)| *c == status)
-        .map(|(_, s)| std::borrow::Cow::Borrowed(*s))
-        .unwrap_or_else(|| std::borrow::Cow::Owned(status.to_string()))
+    match status_slot(status) {
+        Some(slot) => std::borrow::Cow::Borrowed(COMMON[slot].1),
+        None => std::borrow::Cow::Owned(status.to_string()),
+    }
+}
+
+/// One route's request counters and duration histogram, each resolved on first use and then
+/// kept: a labelled lookup hashes every label and takes a lock, on every request.
+pub struct Handles {
+    duration: OnceLock<Histogram>,
+    requests: [[OnceLock<IntCounter>; COMMON.len()]; METHODS.len()],
+}
+
+impl Default for Handles {
+    fn default() -> Self {
+        Handles {
+            duration: OnceLock::new(),
+            requests: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
+        }
+    }
+}
+
+impl std::fmt::Debug for Handles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Handles")
+    }
+}
+
+impl Metrics {
+    /// Counts one answer (by exact status) and its duration under `route`, through the
+    /// route's `handles` when it has them (requests answered before routing have none).
+    pub fn answered(
+        &self,
+        handles: Option<&Handles>,
+        route: &str,
+        method: &http::Method,
+        status: u16,
+        seconds: f64,
+    ) {
+        let m = method_slot(method);
+        match (handles, status_slot(status)) {
+            (Some(h), Some(s)) => h.requests[m][s]
+                .get_or_init(|| {
+                    self.requests
+                        .with_label_values(&[route, METHODS[m], COMMON[s].1])
+                })
+                .inc(),
+            _ => self
+                .requests
+                .with_label_values(&[route, METHODS[m], &status_label(status)])
+                .inc(),
+        }
+        match handles {
+            Some(h) => h
+                .duration
+                .get_or_init(|| self.duration.with_label_values(&[route]))
+                .observe(seconds),
+            None => self.duration.with_label_values(&[route]).observe(seconds),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Handles and the labelled fallback count into the same series.
+    #[test]
+    fn answers_are_counted_by_route_method_and_exact_status() {
+        let m = Metrics::new().unwrap();
+        let h = Handles::default();
+        m.answered(Some(&h), "api", &http::Method::GET, 200, 0.002);
+        m.answered(Some(&h), "api", &http::Method::GET, 200, 0.002);
+        m.answered(None, "api", &http::Method::GET, 200, 0.002);
+        m.answered(
+            Some(&h),
+            "api",
+            &http::Method::from_bytes(b"PURGE").unwrap(),
+            418,
+            0.3,
+        );
+        m.answered(None, "unmatched", &http::Method::POST, 404, 0.001);
+        let text = String::from_utf8(m.render()).unwrap();
+        for line in [
+            r#"gateway_http_requests_total{method="GET",route="api",status="200"} 3"#,
+            r#"gateway_http_requests_total{method="OTHER",route="api",status="418"} 1"#,
+            r#"gateway_http_requests_total{method="POST",route="unmatched",status="404"} 1"#,
+            r#"gateway_http_request_duration_seconds_count{route="api"} 4"#,
+            r#"gateway_http_request_duration_seconds_bucket{route="api",le="0.0025"} 3"#,
+            r#"gateway_http_request_duration_seconds_count{route="unmatched"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
+        }
+    }
 }

@@ -3,7 +3,7 @@
 use http::HeaderValue;
 use pingora::http::RequestHeader;
 
-use crate::envelope::REQUEST_ID;
+use crate::envelope::REQUEST_ID_HEADER;
 
 /// Longest client-supplied id that is kept.
 const MAX_LEN: usize = 128;
@@ -12,7 +12,7 @@ const MAX_LEN: usize = 128;
 /// otherwise a new UUIDv4 (simple form). A header value, so that echoing it to the upstream
 /// and the client shares one buffer instead of copying a string twice per request.
 pub fn take_or_make(req: &RequestHeader) -> HeaderValue {
-    match req.headers.get(REQUEST_ID) {
+    match req.headers.get(REQUEST_ID_HEADER) {
         Some(v) if is_sane(v.as_bytes()) => v.clone(),
         _ => {
             let mut buf = [0u8; uuid::fmt::Simple::LENGTH];
@@ -38,6 +38,7 @@ fn is_sane(v: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::envelope::REQUEST_ID;
 
     fn req(id: Option<&str>) -> RequestHeader {
         let mut r = RequestHeader::build("GET", b"/", None).unwrap();

@@ -9,6 +9,7 @@ use crate::auth::node_key::NodeKeys;
 use crate::auth::{Mode, Role};
 use crate::config;
 use crate::limits::ratelimit::Policy;
+use crate::metrics;
 use crate::store::LockoutPolicy;
 
 /// A route as the runtime uses it.
@@ -36,6 +37,8 @@ pub struct Route {
     pub rate_limits: Vec<Policy>,
     /// The lockout, on login routes.
     pub login: Option<LockoutPolicy>,
+    /// This route's metric handles, resolved on first use.
+    pub metrics: metrics::Handles,
 }
 
 impl Route {
@@ -91,6 +94,7 @@ impl RouteTable {
                     node_keys: r.node_keys.clone(),
                     rate_limits: r.rate_limits.clone(),
                     login: r.login_guard.then(|| login(r)),
+                    metrics: metrics::Handles::default(),
                 })
             })
             .collect();

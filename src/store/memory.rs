@@ -1,5 +1,6 @@
 //! The in-process store: governor's keyed GCRA limiters and a bounded lockout table.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,6 +14,11 @@ use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
 
 use super::{Limit, LockoutPolicy, RateDecision, Reservation, Settlement, Store, Ticket};
+
+thread_local! {
+    /// The key of the rate check in progress on this thread.
+    static KEY: RefCell<String> = const { RefCell::new(String::new()) };
+}
 
 type Keyed =
     RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock, StateInformationMiddleware>;
@@ -195,7 +201,15 @@ impl MemoryStore {
                 reset: Duration::ZERO,
             };
         };
-        match limiter.check_key(&key.to_owned()) {
+        // governor takes the key as `&String`: reuse one buffer per thread rather than
+        // allocate a String per request (the map clones it only for a new key).
+        let checked = KEY.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            buf.clear();
+            buf.push_str(key);
+            limiter.check_key(&buf)
+        });
+        match checked {
             Ok(snapshot) => {
                 let remaining = snapshot.remaining_burst_capacity();
                 RateDecision {

@@ -210,6 +210,11 @@ fn login(req: &Req, w: &mut TcpStream) -> bool {
 fn respond(req: &Req, w: &mut TcpStream) -> bool {
     let json = [("Content-Type", "application/json")];
     let path = req.path.split('?').next().unwrap_or("");
+    // An absolute-form target routes by its path, as a server must accept it (RFC 9112 3.2.2).
+    let path = path
+        .strip_prefix("http://")
+        .and_then(|rest| rest.find('/').map(|slash| &rest[slash..]))
+        .unwrap_or(path);
     // Routes under test are mounted at /u/ (plain), /a/ (token) and /l/ (login guard).
     let path = ["/u", "/a", "/l"]
         .iter()
