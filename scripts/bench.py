@@ -320,16 +320,22 @@ end
                                           body=sc.get("body"))
                 if got_status != status or (expect is not None and got.decode(errors="replace") != expect):
                     raise SystemExit(f"bench: {name} answers {sc['path']} wrongly: {got_status} {got[:200]!r}")
-                runs = [wrk(port, sc) for _ in range(RUNS)]
-                rps = statistics.median(r[0] for r in runs)
-                p50 = statistics.median(r[1] for r in runs)
-                p99 = statistics.median(r[2] for r in runs)
-                errors = "; ".join(r[3] for r in runs if r[3])
+            # Runs take turns (nginx, haproxy, bare, gateway, nginx, ...) so that a slow spell of
+            # the shared machine lands on every proxy rather than on one.
+            runs = {name: [] for name in targets}
+            for _ in range(RUNS):
+                for name, (_, port) in targets.items():
+                    runs[name].append(wrk(port, sc))
+            for name, (proc, _) in targets.items():
+                rps = statistics.median(r[0] for r in runs[name])
+                p50 = statistics.median(r[1] for r in runs[name])
+                p99 = statistics.median(r[2] for r in runs[name])
+                errors = "; ".join(r[3] for r in runs[name] if r[3])
                 results.append((sc["name"], name, rps, p50, p99, vm(proc.pid, "VmHWM"), errors))
                 print(f"bench: {sc['name']:<32} {name:<13} {rps:>10.0f} req/s  p50 {p50:.2f} ms  p99 {p99:.2f} ms {errors}", file=sys.stderr)
 
         print()
-        print(f"{SECONDS}s x {RUNS} runs (median), {CONNS} connections, wrk on core 1, proxy and upstream "
+        print(f"{SECONDS}s x {RUNS} runs (median, proxies taking turns), {CONNS} connections, wrk on core 1, proxy and upstream "
               f"on core 0, Pingora work_stealing = {WORK_STEALING}")
         print()
         print("| scenario | proxy | req/s | p50 ms | p99 ms | peak RSS MiB | vs bare Pingora | vs nginx |")
