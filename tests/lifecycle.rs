@@ -133,6 +133,12 @@ fn idle_connections_close_after_the_keepalive_timeout_and_busy_ones_stay() {
     assert!(used.closed(), "idle after a request: closed after 1 s");
     assert!(silent.closed(), "never sent a byte: closed after 1 s");
     assert_eq!(busy.send(&get("/u/ok")).status, 200);
+    // The connection's one timer fired while it was busy and was moved on: idle from its last
+    // request, it still serves half a timeout later and is closed once a whole one has passed.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(busy.send(&get("/u/ok")).status, 200);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(busy.closed(), "idle again: closed after 1 s");
 }
 
 #[test]
