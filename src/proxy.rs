@@ -387,9 +387,8 @@ impl ProxyHttp for Gateway {
         // (case-preserving) map and grow both maps insert by insert: about 1.5k instructions
         // per header, most of this filter's cost. Header names therefore go upstream in
         // canonical case (as Envoy sends them), the request target as it came.
-        let mut parts = upstream_request.as_owned_parts();
+        let mut parts = parts_with_room(upstream_request, GATEWAY_HEADERS);
         let headers = &mut parts.headers;
-        headers.reserve(8);
         headers.insert(envelope::REQUEST_ID_HEADER, ctx.request_id.clone());
         if let Some(peer) = peer_ip(session) {
             // Behind a trusted proxy the chain grows by that proxy; otherwise a client-sent
@@ -856,6 +855,26 @@ fn host_without_port(host: &str) -> &str {
     host.split(':').next().unwrap_or(host)
 }
 
+/// Headers the gateway adds upstream at most: request id, `X-Forwarded-For`, `-Proto` and four
+/// identity headers.
+const GATEWAY_HEADERS: usize = 7;
+
+/// `req` as plain `http` parts whose header map has room for `extra` more headers. Copied
+/// header by header into a map of the right size: cloning the map and then growing it rehashes
+/// it once more.
+fn parts_with_room(req: &RequestHeader, extra: usize) -> http::request::Parts {
+    let (mut parts, ()) = http::Request::new(()).into_parts();
+    parts.method = req.method.clone();
+    parts.uri = req.uri.clone();
+    parts.version = req.version;
+    parts.extensions = req.extensions.clone();
+    parts.headers = http::HeaderMap::with_capacity(req.headers.len() + extra);
+    for (name, value) in &req.headers {
+        parts.headers.append(name.clone(), value.clone());
+    }
+    parts
+}
+
 /// Which of `names` `headers` holds: one pass comparing names, instead of a hashed lookup
 /// (in two maps, in Pingora's headers) per name, and nothing allocated.
 fn present<'n, N>(headers: &http::HeaderMap, names: N) -> Present
@@ -954,6 +973,22 @@ fn upstream_failure_kind(e: &Error) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parts_keep_the_request_and_make_room() {
+        let mut req = RequestHeader::build("POST", b"/a/b?c=d", None).unwrap();
+        req.append_header("X-One", "1").unwrap();
+        req.append_header("set-me", "a").unwrap();
+        req.append_header("X-One", "2").unwrap();
+        let parts = parts_with_room(&req, GATEWAY_HEADERS);
+        assert_eq!(parts.method, http::Method::POST);
+        assert_eq!(parts.uri, "/a/b?c=d");
+        assert_eq!(parts.version, req.version);
+        let ones: Vec<_> = parts.headers.get_all("x-one").iter().collect();
+        assert_eq!(ones, ["1", "2"]);
+        assert_eq!(parts.headers.len(), 3);
+        assert!(parts.headers.capacity() >= 3 + GATEWAY_HEADERS);
+    }
 
     #[test]
     fn present_finds_the_listed_names_a_map_holds() {
