@@ -387,7 +387,10 @@ impl ProxyHttp for Gateway {
         // (case-preserving) map and grow both maps insert by insert: about 1.5k instructions
         // per header, most of this filter's cost. Header names therefore go upstream in
         // canonical case (as Envoy sends them), the request target as it came.
-        let mut parts = parts_with_room(upstream_request, GATEWAY_HEADERS);
+        // Identity headers come from the gateway only: whatever the client sent goes, on every
+        // route, before the verified values are set.
+        let names = &ctx.state.identity_headers;
+        let mut parts = request_parts(upstream_request, GATEWAY_HEADERS, names.all());
         let headers = &mut parts.headers;
         headers.insert(envelope::REQUEST_ID_HEADER, ctx.request_id.clone());
         if let Some(peer) = peer_ip(session) {
@@ -404,15 +407,6 @@ impl ProxyHttp for Gateway {
             // A valid value followed by an address: always a valid value.
             if let Ok(chain) = HeaderValue::from_maybe_shared(Bytes::from(chain)) {
                 headers.insert(X_FORWARDED_FOR, chain);
-            }
-        }
-        // Identity headers come from the gateway only: whatever the client sent goes, on every
-        // route, before the verified values are set.
-        let names = &ctx.state.identity_headers;
-        let found = present(headers, names.all());
-        for (i, name) in names.all().into_iter().enumerate() {
-            if found.at(i) {
-                headers.remove(name);
             }
         }
         if let Some(id) = &ctx.identity {
@@ -476,26 +470,31 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        upstream_response.insert_header(envelope::REQUEST_ID, ctx.request_id.clone())?;
-        for (name, value) in &ctx.rate_headers {
-            upstream_response.append_header(name.clone(), value.clone())?;
-        }
-        // Internals of the upstream stay inside; CORS is the edge's alone.
+        // Rebuilt once without the upstream's internal headers (and its CORS ones: CORS is the
+        // edge's alone), as the upstream request is: Pingora's inserts and removals each cost
+        // two map operations, a name parse and allocations. Header names reach the client in
+        // canonical case; the status and reason phrase are the upstream's.
         let security = ctx.state.security.remove_response_headers.iter();
         let cors = ctx.state.cors.iter().flat_map(|_| &CORS_RESPONSE_HEADERS);
-        let removed = security.chain(cors);
-        let found = present(&upstream_response.headers, removed.clone());
-        for (i, name) in removed.enumerate() {
-            if found.at(i) {
-                upstream_response.remove_header(name);
-            }
+        let extra = 2 + ctx.rate_headers.len();
+        let mut parts = response_parts(upstream_response, extra, security.chain(cors));
+        let headers = &mut parts.headers;
+        headers.insert(envelope::REQUEST_ID_HEADER, ctx.request_id.clone());
+        for (name, value) in &ctx.rate_headers {
+            headers.append(name.clone(), value.clone());
         }
         for (name, value) in edge_headers(ctx) {
-            upstream_response.append_header(name, value)?;
+            headers.append(name, value);
         }
         if ctx.rewrite.is_some() && ctx.state.security.nosniff {
-            upstream_response.insert_header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")?;
+            headers.insert(
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            );
         }
+        let mut rebuilt = ResponseHeader::from(parts);
+        rebuilt.set_reason_phrase(upstream_response.get_reason_phrase())?;
+        *upstream_response = rebuilt;
         Ok(())
     }
 
@@ -859,52 +858,47 @@ fn host_without_port(host: &str) -> &str {
 /// identity headers.
 const GATEWAY_HEADERS: usize = 7;
 
-/// `req` as plain `http` parts whose header map has room for `extra` more headers. Copied
-/// header by header into a map of the right size: cloning the map and then growing it rehashes
-/// it once more.
-fn parts_with_room(req: &RequestHeader, extra: usize) -> http::request::Parts {
+/// `src` without the headers `drop` names, in a map with room for `extra` more. Copied header
+/// by header into a map of the right size: cloning the map, growing it and removing from it
+/// would rehash it and search it again.
+fn copy_headers<'n, N>(src: &http::HeaderMap, extra: usize, drop: N) -> http::HeaderMap
+where
+    N: IntoIterator<Item = &'n HeaderName> + Clone,
+{
+    let mut out = http::HeaderMap::with_capacity(src.len() + extra);
+    for (name, value) in src {
+        if !drop.clone().into_iter().any(|d| d == name) {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+/// `req` as plain `http` parts, its headers copied by [`copy_headers`].
+fn request_parts<'n, N>(req: &RequestHeader, extra: usize, drop: N) -> http::request::Parts
+where
+    N: IntoIterator<Item = &'n HeaderName> + Clone,
+{
     let (mut parts, ()) = http::Request::new(()).into_parts();
     parts.method = req.method.clone();
     parts.uri = req.uri.clone();
     parts.version = req.version;
     parts.extensions = req.extensions.clone();
-    parts.headers = http::HeaderMap::with_capacity(req.headers.len() + extra);
-    for (name, value) in &req.headers {
-        parts.headers.append(name.clone(), value.clone());
-    }
+    parts.headers = copy_headers(&req.headers, extra, drop);
     parts
 }
 
-/// Which of `names` `headers` holds: one pass comparing names, instead of a hashed lookup
-/// (in two maps, in Pingora's headers) per name, and nothing allocated.
-fn present<'n, N>(headers: &http::HeaderMap, names: N) -> Present
+/// `resp` as plain `http` parts, its headers copied by [`copy_headers`].
+fn response_parts<'n, N>(resp: &ResponseHeader, extra: usize, drop: N) -> http::response::Parts
 where
     N: IntoIterator<Item = &'n HeaderName> + Clone,
 {
-    let mut found = Present(0);
-    for key in headers.keys() {
-        for (i, name) in names.clone().into_iter().enumerate() {
-            if name == key {
-                found.0 |= Present::bit(i);
-            }
-        }
-    }
-    found
-}
-
-/// The positions of the names [`present`] found, one bit each; the last bit also stands for
-/// every position after it, so a longer list costs a lookup, never a missed name.
-struct Present(u64);
-
-impl Present {
-    fn bit(i: usize) -> u64 {
-        1 << i.min(63)
-    }
-
-    /// Whether the name at position `i` may be present.
-    fn at(&self, i: usize) -> bool {
-        self.0 & Self::bit(i) != 0
-    }
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = resp.status;
+    parts.version = resp.version;
+    parts.extensions = resp.extensions.clone();
+    parts.headers = copy_headers(&resp.headers, extra, drop);
+    parts
 }
 
 /// A header value as text, borrowed unless it holds non-ASCII bytes.
@@ -975,38 +969,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parts_keep_the_request_and_make_room() {
+    fn parts_keep_the_request_drop_the_named_headers_and_make_room() {
         let mut req = RequestHeader::build("POST", b"/a/b?c=d", None).unwrap();
         req.append_header("X-One", "1").unwrap();
-        req.append_header("set-me", "a").unwrap();
+        req.append_header("X-Tenant-Id", "spoofed").unwrap();
         req.append_header("X-One", "2").unwrap();
-        let parts = parts_with_room(&req, GATEWAY_HEADERS);
+        let drop = [HeaderName::from_static("x-tenant-id"), header::SERVER];
+        let parts = request_parts(&req, GATEWAY_HEADERS, &drop);
         assert_eq!(parts.method, http::Method::POST);
         assert_eq!(parts.uri, "/a/b?c=d");
         assert_eq!(parts.version, req.version);
         let ones: Vec<_> = parts.headers.get_all("x-one").iter().collect();
         assert_eq!(ones, ["1", "2"]);
-        assert_eq!(parts.headers.len(), 3);
-        assert!(parts.headers.capacity() >= 3 + GATEWAY_HEADERS);
+        assert!(!parts.headers.contains_key("x-tenant-id"));
+        assert_eq!(parts.headers.len(), 2);
+        assert!(parts.headers.capacity() >= 2 + GATEWAY_HEADERS);
     }
 
     #[test]
-    fn present_finds_the_listed_names_a_map_holds() {
-        let mut headers = http::HeaderMap::new();
-        headers.insert(header::SERVER, HeaderValue::from_static("x"));
-        headers.insert("x-runtime", HeaderValue::from_static("1"));
-        let names: Vec<HeaderName> = (0..70)
-            .map(|i| HeaderName::try_from(format!("x-h{i}")).unwrap())
-            .chain([header::SERVER, HeaderName::from_static("x-runtime")])
-            .collect();
-        let found = present(&headers, &names);
-        let hits: Vec<usize> = (0..names.len()).filter(|&i| found.at(i)).collect();
-        // Positions 70 and 71 share the last bit with every position from 63 on.
-        assert_eq!(hits, (63..72).collect::<Vec<_>>());
-        let found = present(&headers, &names[..3]);
-        assert!((0..3).all(|i| !found.at(i)));
-        let few = [HeaderName::from_static("x-runtime"), header::SERVER];
-        let found = present(&headers, &few);
-        assert!(found.at(0) && found.at(1));
+    fn response_parts_keep_status_and_headers_but_the_named_ones() {
+        let mut resp = ResponseHeader::build(599, None).unwrap();
+        resp.set_reason_phrase(Some("Network Read Timeout"))
+            .unwrap();
+        resp.append_header("Server", "Apache/2.4 (internal)")
+            .unwrap();
+        resp.append_header("Set-Cookie", "a=1").unwrap();
+        resp.append_header("Set-Cookie", "b=2").unwrap();
+        let parts = response_parts(&resp, 2, &[header::SERVER]);
+        assert_eq!(parts.status.as_u16(), 599);
+        assert!(!parts.headers.contains_key(header::SERVER));
+        let cookies: Vec<_> = parts.headers.get_all(header::SET_COOKIE).iter().collect();
+        assert_eq!(cookies, ["a=1", "b=2"]);
+        let mut rebuilt = ResponseHeader::from(parts);
+        rebuilt.set_reason_phrase(resp.get_reason_phrase()).unwrap();
+        assert_eq!(rebuilt.get_reason_phrase(), Some("Network Read Timeout"));
     }
 }
