@@ -161,7 +161,8 @@ impl Metrics {
     }
 }
 
-/// Methods with a label of their own; everything else is `OTHER`.
+/// Methods with a label of their own; everything else is `OTHER`, so odd methods cannot grow
+/// the series count.
 const METHODS: [&str; 8] = [
     "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "OTHER",
 ];
@@ -212,11 +213,6 @@ fn method_slot(method: &http::Method) -> usize {
 
 fn status_slot(status: u16) -> Option<usize> {
     COMMON.iter().position(|(c, _)| *c == status)
-}
-
-/// A method label from a bounded set, so odd methods cannot grow the series count.
-pub fn method_label(method: &http::Method) -> &'static str {
-    METHODS[method_slot(method)]
 }
 
 /// A status label without allocating for the common codes.

@@ -386,9 +386,9 @@ impl ProxyHttp for Gateway {
         // gateway's headers. Pingora's own inserts parse the name again, keep a second
         // (case-preserving) map and grow both maps insert by insert: about 1.5k instructions
         // per header, most of this filter's cost. Header names therefore go upstream in
-        // canonical case (as Envoy sends them), the request target as it came.
-        // Identity headers come from the gateway only: whatever the client sent goes, on every
-        // route, before the verified values are set.
+        // canonical case (as Envoy sends them), the request target as it came. Identity
+        // headers come from the gateway only: whatever the client sent is left out of the copy,
+        // on every route, and the verified values are set below.
         let names = &ctx.state.identity_headers;
         let mut parts = request_parts(upstream_request, GATEWAY_HEADERS, names.all());
         let headers = &mut parts.headers;
@@ -476,7 +476,7 @@ impl ProxyHttp for Gateway {
         // canonical case; the status and reason phrase are the upstream's.
         let security = ctx.state.security.remove_response_headers.iter();
         let cors = ctx.state.cors.iter().flat_map(|_| &CORS_RESPONSE_HEADERS);
-        let extra = 2 + ctx.rate_headers.len();
+        let extra = EDGE_RESPONSE_HEADERS + ctx.rate_headers.len();
         let mut parts = response_parts(upstream_response, extra, security.chain(cors));
         let headers = &mut parts.headers;
         headers.insert(envelope::REQUEST_ID_HEADER, ctx.request_id.clone());
@@ -857,6 +857,10 @@ fn host_without_port(host: &str) -> &str {
 /// Headers the gateway adds upstream at most: request id, `X-Forwarded-For`, `-Proto` and four
 /// identity headers.
 const GATEWAY_HEADERS: usize = 7;
+
+/// Headers the edge adds to an answer at most: request id, nosniff, `Vary`, three CORS headers
+/// and HSTS (rate-limit headers are counted apart).
+const EDGE_RESPONSE_HEADERS: usize = 7;
 
 /// `src` without the headers `drop` names, in a map with room for `extra` more. Copied header
 /// by header into a map of the right size: cloning the map, growing it and removing from it
