@@ -66,14 +66,19 @@ where
         let closed = self.closed.notified();
         tokio::pin!(closed);
         closed.as_mut().enable();
+        // Shutdown closes connections between requests, not new ones: a client that just
+        // connected is about to send its request, and would see it fail (it is served, with
+        // keep-alive off; a silent one is left to the keep-alive timeout and the grace period).
+        let mut served = false;
         loop {
-            if self.closing.load(Ordering::Acquire) {
+            if served && self.closing.load(Ordering::Acquire) {
                 return;
             }
             let wait = Wait {
                 deadline: Instant::now() + self.keepalive,
                 timer: timer.as_mut(),
                 closed: closed.as_mut(),
+                close_on_shutdown: served,
             };
             let Some(first) = next_request(&mut stream, wait).await else {
                 return; // closed, idle too long, or shutting down: dropping the stream closes it
@@ -83,6 +88,7 @@ where
                 return;
             };
             (stream, settings) = reused.consume();
+            served = true;
         }
     }
 
@@ -120,7 +126,7 @@ async fn next_request(stream: &mut Stream, mut wait: Wait<'_, '_>) -> Option<Byt
         tokio::select! {
             biased;
             read = first_bytes(stream) => return read.ok().filter(|b| !b.is_empty()),
-            _ = wait.closed.as_mut() => return None,
+            _ = wait.closed.as_mut(), if wait.close_on_shutdown => return None,
             _ = wait.timer.as_mut() => {
                 if Instant::now() >= wait.deadline {
                     return None;
@@ -137,6 +143,8 @@ struct Wait<'t, 'n> {
     deadline: Instant,
     timer: Pin<&'t mut Sleep>,
     closed: Pin<&'t mut Notified<'n>>,
+    /// Whether shutdown ends this wait (not before the connection's first request).
+    close_on_shutdown: bool,
 }
 
 /// Reads whatever the client sent next. The buffer lives on the stack of each poll, so a

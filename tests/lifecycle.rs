@@ -195,12 +195,18 @@ fn shutdown_closes_idle_connections_at_once() {
     let mut gw = gateway(&up, "shutdown_grace_seconds = 5");
     let mut idle = common::Conn::open(gw.addr);
     assert_eq!(idle.send(&get("/u/ok")).status, 200);
+    // Connected, request not sent yet: about to send it, so shutdown must not close it.
+    let mut fresh = common::Conn::open(gw.addr);
+    std::thread::sleep(Duration::from_millis(100));
     let started = std::time::Instant::now();
     gw.signal("TERM");
     assert!(
         idle.closed(),
         "an idle keep-alive connection is closed on shutdown"
     );
+    let r = fresh.send(&get("/u/ok"));
+    assert_eq!(r.status, 200, "a connection's first request is served");
+    assert_eq!(r.header("connection"), Some("close"));
     // Well before the 5 s grace period: idle connections do not hold the shutdown up.
     assert!(
         started.elapsed() < Duration::from_secs(4),
