@@ -32,7 +32,7 @@ const FIRST_READ: usize = 4096;
 pub struct Connections<A> {
     app: Arc<A>,
     keepalive: Duration,
-    /// Set when the server shuts down (see `cleanup`): idle connections close at once.
+    /// Set when the server shuts down (see `cleanup`): connections between requests close.
     closing: AtomicBool,
     /// Wakes the connections waiting for a request when `closing` is set.
     closed: Notify,
@@ -187,8 +187,9 @@ where
     }
 
     async fn cleanup(&self) {
-        // Called once the listeners stopped: idle connections close now, busy ones after
-        // their answer (Pingora turns keep-alive off when shutting down).
+        // Called once the listeners stopped: connections between requests close now, busy ones
+        // after their answer and new ones after their first (Pingora turns keep-alive off when
+        // shutting down).
         self.closing.store(true, Ordering::Release);
         self.closed.notify_waiters();
         self.app.http_cleanup().await;

@@ -243,8 +243,8 @@ impl ProxyHttp for Gateway {
                 (KeyKind::Ip, _) => {
                     Cow::Owned(ctx.client_ip.map(|ip| ip.to_string()).unwrap_or_default())
                 }
-                (KeyKind::User, Some(id)) => text(&id.user),
-                (KeyKind::Tenant, Some(id)) => text(&id.tenant),
+                (KeyKind::User, Some(id)) => String::from_utf8_lossy(id.user.as_bytes()),
+                (KeyKind::Tenant, Some(id)) => String::from_utf8_lossy(id.tenant.as_bytes()),
                 // Config validation keeps user/tenant keys to token routes.
                 (_, None) => continue,
             };
@@ -365,7 +365,7 @@ impl ProxyHttp for Gateway {
             .route
             .as_ref()
             .and_then(|r| ctx.state.pool(r))
-            .map_or(1, |p| p.server_count);
+            .map_or(1, |p| p.server_count());
         if ctx.tries < servers {
             if let Some(kind) = upstream_failure_kind(&e) {
                 self.count_upstream_failure(ctx, kind);
@@ -903,14 +903,6 @@ where
     parts.extensions = resp.extensions.clone();
     parts.headers = copy_headers(&resp.headers, extra, drop);
     parts
-}
-
-/// A header value as text, borrowed unless it holds non-ASCII bytes.
-fn text(value: &HeaderValue) -> Cow<'_, str> {
-    match value.to_str() {
-        Ok(text) => Cow::Borrowed(text),
-        Err(_) => String::from_utf8_lossy(value.as_bytes()),
-    }
 }
 
 /// The socket peer's address.

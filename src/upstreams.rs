@@ -23,8 +23,6 @@ pub struct Pool {
     pub name: String,
     /// Round-robin selection over the healthy servers.
     pub balancer: LoadBalancer<RoundRobin>,
-    /// Number of servers, the bound on connect retries.
-    pub server_count: usize,
     settings: config::Upstream,
     /// When the health check is due next (`None`: now).
     next_check: Mutex<Option<Instant>>,
@@ -54,11 +52,15 @@ impl Pool {
         Ok(Pool {
             name: u.name.clone(),
             balancer,
-            server_count: u.servers.len(),
             settings: u.clone(),
             next_check: Mutex::new(None),
             peers,
         })
+    }
+
+    /// Number of servers, the bound on connect retries.
+    pub fn server_count(&self) -> usize {
+        self.peers.len()
     }
 
     /// A peer for the next healthy server, or `None` when every server is down.
@@ -67,7 +69,7 @@ impl Pool {
             // Nothing to balance and no health to consult.
             [only] if self.settings.health_check_interval.is_none() => only,
             peers => {
-                let backend = self.balancer.select(b"", self.server_count.max(1))?;
+                let backend = self.balancer.select(b"", self.server_count().max(1))?;
                 let addr = backend.addr.as_inet()?;
                 peers.iter().find(|p| p._address.as_inet() == Some(addr))?
             }
