@@ -12,6 +12,7 @@ command -v promtool >/dev/null 2>&1 || need+=(prometheus)      # promtool checks
 command -v chromium >/dev/null 2>&1 || need+=(chromium)        # the browser CORS test
 command -v curl >/dev/null 2>&1 || need+=(curl)                # HTTP/2 over TLS with curl
 command -v wrk >/dev/null 2>&1 || need+=(wrk)                  # soak and load benchmarks
+command -v go >/dev/null 2>&1 || need+=(golang-go)             # a net/http upstream, as the control plane is
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2

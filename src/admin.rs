@@ -1,5 +1,7 @@
-//! The admin listener: `/metrics` (Prometheus text format), `/healthz`, `/readyz`.
-//! It sits on its own port so none of it is reachable through the public listener.
+//! The admin listener: `/metrics` (Prometheus text format), `/healthz`, `/readyz`, and
+//! `POST /-/reload` for callers that present `[server] admin_token` as a bearer token (off
+//! without one). It sits on its own port so none of it is reachable through the public
+//! listener; reads are open to whoever reaches the port, changes need the credential.
 
 use std::sync::Arc;
 
@@ -8,6 +10,7 @@ use http::{header, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
+use crate::config::Secret;
 use crate::envelope;
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
@@ -18,16 +21,38 @@ pub struct Admin {
     metrics: Arc<Metrics>,
     store: Arc<StoreHealth>,
     reloader: Arc<Reloader>,
+    token: Option<Secret>,
 }
 
 impl Admin {
     /// An admin app exporting `metrics`, reporting `store` health on `/readyz` and reloading
-    /// the configuration on `POST /-/reload`.
-    pub fn new(metrics: Arc<Metrics>, store: Arc<StoreHealth>, reloader: Arc<Reloader>) -> Self {
+    /// the configuration on `POST /-/reload` for callers that present `token`.
+    pub fn new(
+        metrics: Arc<Metrics>,
+        store: Arc<StoreHealth>,
+        reloader: Arc<Reloader>,
+        token: Option<Secret>,
+    ) -> Self {
         Admin {
             metrics,
             store,
             reloader,
+            token,
+        }
+    }
+
+    /// Whether the request carries the admin token: `Authorization: Bearer <token>`,
+    /// compared in constant time.
+    fn authorised(&self, session: &ServerSession) -> bool {
+        let Some(Secret(token)) = &self.token else {
+            return false;
+        };
+        match crate::auth::bearer(&session.req_header().headers) {
+            Ok(Some(given)) => {
+                use subtle::ConstantTimeEq;
+                bool::from(given.as_bytes().ct_eq(token))
+            }
+            _ => false,
         }
     }
 }
@@ -41,6 +66,26 @@ impl ServeHttp for Admin {
         );
         let post = session.req_header().method == http::Method::POST;
         if post && session.req_header().uri.path() == "/-/reload" {
+            if self.token.is_none() {
+                // Off: SIGHUP still reloads.
+                return reply(
+                    StatusCode::FORBIDDEN,
+                    envelope::CONTENT_TYPE,
+                    envelope::body("reload over http is off: set server.admin_token").to_vec(),
+                );
+            }
+            if !self.authorised(session) {
+                let mut resp = reply(
+                    StatusCode::UNAUTHORIZED,
+                    envelope::CONTENT_TYPE,
+                    envelope::default_body(401).to_vec(),
+                );
+                resp.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Bearer"),
+                );
+                return resp;
+            }
             let reloader = self.reloader.clone();
             // Reading files and secrets blocks; keep it off the async workers.
             return match tokio::task::spawn_blocking(move || reloader.reload()).await {

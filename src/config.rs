@@ -331,6 +331,12 @@ pub struct FileLockout {
     /// Most accounts tracked at once.
     #[serde(default = "default_max_entries")]
     pub max_entries: usize,
+    /// Failed logins one email may have across every tenant domain; default 3 x max_failures.
+    #[serde(default)]
+    pub max_failures_per_email: Option<u32>,
+    /// Upstream statuses that mean "wrong credentials" and use a guess up.
+    #[serde(default = "default_failure_statuses")]
+    pub failure_statuses: Vec<u16>,
 }
 
 impl Default for FileLockout {
@@ -339,8 +345,14 @@ impl Default for FileLockout {
             max_failures: default_max_failures(),
             lock_seconds: default_lock_seconds(),
             max_entries: default_max_entries(),
+            max_failures_per_email: None,
+            failure_statuses: default_failure_statuses(),
         }
     }
+}
+
+fn default_failure_statuses() -> Vec<u16> {
+    vec![401]
 }
 
 fn default_max_failures() -> u32 {
@@ -363,6 +375,13 @@ pub struct FileLimits {
     /// How often idle rate-limit keys and expired lockout entries are dropped.
     #[serde(default = "default_sweep")]
     pub sweep_interval_ms: u64,
+    /// IPv4 clients share an `ip` bucket per network of this prefix length.
+    #[serde(default = "default_ipv4_prefix")]
+    pub ipv4_prefix: u8,
+    /// IPv6 clients share an `ip` bucket per network of this prefix length (a /64 is one
+    /// subscriber's LAN).
+    #[serde(default = "default_ipv6_prefix")]
+    pub ipv6_prefix: u8,
 }
 
 impl Default for FileLimits {
@@ -370,8 +389,17 @@ impl Default for FileLimits {
         FileLimits {
             headers_on_success: false,
             sweep_interval_ms: default_sweep(),
+            ipv4_prefix: default_ipv4_prefix(),
+            ipv6_prefix: default_ipv6_prefix(),
         }
     }
+}
+
+fn default_ipv4_prefix() -> u8 {
+    32
+}
+fn default_ipv6_prefix() -> u8 {
+    64
 }
 
 fn default_sweep() -> u64 {
@@ -522,6 +550,10 @@ pub struct FileServer {
     /// Whether idle worker threads take tasks from busy ones (Pingora's `work_stealing`).
     #[serde(default = "default_work_stealing")]
     pub work_stealing: bool,
+    /// Bearer secret (`env:NAME` / `file:PATH`) for admin actions (`POST /-/reload`); without
+    /// it they are off on the admin listener.
+    #[serde(default)]
+    pub admin_token: Option<String>,
 }
 
 /// Pingora's own default.
@@ -560,6 +592,7 @@ impl Default for FileServer {
             max_headers: default_max_headers(),
             keepalive_timeout_seconds: default_keepalive_timeout(),
             work_stealing: default_work_stealing(),
+            admin_token: None,
         }
     }
 }
@@ -639,7 +672,12 @@ pub struct FileRoute {
     /// Name used in metrics and logs.
     pub name: String,
     /// Path prefix, matched on whole segments (`/api/v1` matches `/api/v1/x`, not `/api/v1x`).
-    pub path_prefix: String,
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// Exact path (`/api/v1/auth/login` matches that path only), like a Go `net/http` pattern
+    /// without a trailing slash. Give `path` or `path_prefix`.
+    #[serde(default)]
+    pub path: Option<String>,
     /// Allowed methods; empty or absent allows all.
     #[serde(default)]
     pub methods: Vec<String>,
@@ -668,6 +706,9 @@ pub struct FileRoute {
     /// Read and check the login body and enforce the lockout.
     #[serde(default)]
     pub login_guard: bool,
+    /// Forward WebSocket (HTTP/1.1 `Upgrade`) requests; default: on `jwt_query` routes only.
+    #[serde(default)]
+    pub websocket: Option<bool>,
 }
 
 /// Largest login body the guard reads: Pingora's retry buffer (64 KiB) replays it upstream.
@@ -763,6 +804,10 @@ pub struct Lockout {
     pub lock: Duration,
     /// Most accounts tracked at once.
     pub max_entries: usize,
+    /// Failed logins one email may have across every tenant domain.
+    pub max_failures_per_email: u32,
+    /// Upstream statuses that use a guess up.
+    pub failure_statuses: Vec<u16>,
 }
 
 /// Validated `[limits]`.
@@ -772,6 +817,8 @@ pub struct Limits {
     pub headers_on_success: bool,
     /// Sweep interval for idle keys.
     pub sweep_interval: Duration,
+    /// Prefix lengths (IPv4, IPv6) of the networks that share an `ip` bucket.
+    pub ip_prefixes: (u8, u8),
 }
 
 /// Validated `[identity_headers]`.
@@ -821,6 +868,18 @@ pub struct Server {
     pub keepalive_timeout: Duration,
     /// Whether worker threads steal tasks from each other.
     pub work_stealing: bool,
+    /// Bearer secret for admin actions; `None` turns them off.
+    pub admin_token: Option<Secret>,
+}
+
+/// A secret from the environment or a file; never printed.
+#[derive(Clone)]
+pub struct Secret(pub Vec<u8>);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
 }
 
 /// Validated `[[upstreams]]` entry.
@@ -860,8 +919,10 @@ pub struct UpstreamTls {
 pub struct Route {
     /// Name from the file.
     pub name: String,
-    /// Path prefix.
+    /// Path prefix, or the exact path when `exact`.
     pub path_prefix: String,
+    /// Matches `path_prefix` exactly, not as a prefix.
+    pub exact: bool,
     /// Allowed methods; empty allows all. GET implies HEAD.
     pub methods: Vec<Method>,
     /// Index into [`Config::upstreams`].
@@ -880,6 +941,8 @@ pub struct Route {
     pub rate_limits: Vec<Policy>,
     /// Whether the login guard runs on this route.
     pub login_guard: bool,
+    /// Whether WebSocket upgrades are forwarded.
+    pub websocket: bool,
 }
 
 impl Route {
@@ -889,6 +952,7 @@ impl Route {
         Route {
             name: name.into(),
             path_prefix: path_prefix.into(),
+            exact: false,
             methods: methods.to_vec(),
             upstream: 0,
             max_body_bytes: default_max_body(),
@@ -898,6 +962,7 @@ impl Route {
             node_keys: None,
             rate_limits: Vec::new(),
             login_guard: false,
+            websocket: false,
         }
     }
 }
@@ -1037,6 +1102,19 @@ impl Validator<'_> {
                 }
             },
             work_stealing: s.work_stealing,
+            admin_token: match &s.admin_token {
+                None => None,
+                Some(source) => {
+                    let secret = self.secret("server.admin_token", source)?;
+                    if secret.len() < 16 {
+                        return Err(self.err(
+                            "server.admin_token",
+                            format!("the secret is {} bytes; at least 16 are required", secret.len()),
+                        ));
+                    }
+                    Some(Secret(secret))
+                }
+            },
         };
         if server.listen == server.admin_listen {
             return Err(self.err(
@@ -1085,19 +1163,28 @@ impl Validator<'_> {
         }
         let mut routes = Vec::with_capacity(file.routes.len());
         let mut seen = HashSet::new();
+        // A policy name is one bucket everywhere (memory and Redis alike): every route that
+        // names it must mean the same policy.
+        let mut policy_names: std::collections::HashMap<String, (String, Policy)> =
+            std::collections::HashMap::new();
         for (i, r) in file.routes.iter().enumerate() {
             let key = |k: &str| format!("routes[{i}].{k}");
             self.name(&key("name"), &r.name)?;
             if !seen.insert(r.name.as_str()) {
                 return Err(self.err(key("name"), format!("duplicate route `{}`", r.name)));
             }
-            if !r.path_prefix.starts_with('/') || crate::routes::is_unsafe_path(&r.path_prefix) {
+            let (path_key, path_prefix, exact) = match (&r.path_prefix, &r.path) {
+                (Some(p), None) => ("path_prefix", p, false),
+                (None, Some(p)) => ("path", p, true),
+                _ => return Err(self.err(key("path"), "give exactly one of path, path_prefix")),
+            };
+            if !crate::path::is_route_prefix(path_prefix) {
                 return Err(self.err(
-                    key("path_prefix"),
+                    key(path_key),
                     format!(
-                        "`{}` must start with `/` and contain no `//`, `.`/`..` segments or \
-                         percent-encoded dots, slashes or backslashes",
-                        r.path_prefix
+                        "`{path_prefix}` must be `/` followed by letters, digits, `-`, `_`, \
+                         `~`, `.` and `/`, with no empty or `.`/`..` segments (requests are \
+                         matched after decoding escaped unreserved characters)"
                     ),
                 ));
             }
@@ -1179,11 +1266,38 @@ impl Validator<'_> {
                         ),
                     ));
                 }
+                if let Some((other, q)) = policy_names.get(&policy.limit.name) {
+                    let same = q.key == policy.key
+                        && q.limit.interval == policy.limit.interval
+                        && q.limit.burst == policy.limit.burst;
+                    if !same {
+                        return Err(self.err(
+                            format!("{pkey}.name"),
+                            format!(
+                                "policy `{}` is also on route `{other}` with another key, rate or \
+                                 burst; routes that name one policy share its buckets, so give \
+                                 this one its own name",
+                                policy.limit.name
+                            ),
+                        ));
+                    }
+                } else {
+                    policy_names
+                        .insert(policy.limit.name.clone(), (r.name.clone(), policy.clone()));
+                }
                 rate_limits.push(policy);
             }
             if r.login_guard {
-                if !(methods.is_empty() || methods.contains(&Method::POST)) {
-                    return Err(self.err(key("login_guard"), "the route must allow POST"));
+                // The guard reads POST bodies; any other method would reach the login
+                // handler unguarded.
+                if methods != [Method::POST] {
+                    return Err(self.err(
+                        key("methods"),
+                        "a login_guard route must allow exactly [\"POST\"]",
+                    ));
+                }
+                if r.websocket == Some(true) {
+                    return Err(self.err(key("websocket"), "not on a login_guard route"));
                 }
                 if r.max_body_bytes > LOGIN_BODY_CAP {
                     return Err(self.err(
@@ -1196,7 +1310,8 @@ impl Validator<'_> {
             }
             routes.push(Route {
                 name: r.name.clone(),
-                path_prefix: r.path_prefix.clone(),
+                path_prefix: path_prefix.clone(),
+                exact,
                 methods,
                 upstream,
                 max_body_bytes: r.max_body_bytes,
@@ -1206,6 +1321,7 @@ impl Validator<'_> {
                 node_keys,
                 rate_limits,
                 login_guard: r.login_guard,
+                websocket: r.websocket.unwrap_or(r.auth == Mode::JwtQuery),
             });
         }
 
@@ -1248,15 +1364,43 @@ impl Validator<'_> {
         if l.max_entries == 0 {
             return Err(self.err("lockout.max_entries", "must be greater than 0"));
         }
+        let per_email = l
+            .max_failures_per_email
+            .unwrap_or(l.max_failures.saturating_mul(3));
+        if per_email < l.max_failures || per_email > 10_000 {
+            return Err(self.err(
+                "lockout.max_failures_per_email",
+                "must be between lockout.max_failures and 10000",
+            ));
+        }
+        if l.failure_statuses.is_empty()
+            || l.failure_statuses
+                .iter()
+                .any(|s| !(400..=499).contains(s) || *s == 429 || *s == 408)
+        {
+            return Err(self.err(
+                "lockout.failure_statuses",
+                "give one or more 4xx statuses (not 408 or 429, which say nothing about the password)",
+            ));
+        }
         let lockout = Lockout {
             max_failures: l.max_failures,
             lock: Duration::from_secs(l.lock_seconds),
             max_entries: l.max_entries,
+            max_failures_per_email: per_email,
+            failure_statuses: l.failure_statuses.clone(),
         };
+        let fl = &file.limits;
+        if !(1..=32).contains(&fl.ipv4_prefix) {
+            return Err(self.err("limits.ipv4_prefix", "must be between 1 and 32"));
+        }
+        if !(1..=128).contains(&fl.ipv6_prefix) {
+            return Err(self.err("limits.ipv6_prefix", "must be between 1 and 128"));
+        }
         let limits = Limits {
-            headers_on_success: file.limits.headers_on_success,
-            sweep_interval: self
-                .millis("limits.sweep_interval_ms", file.limits.sweep_interval_ms)?,
+            headers_on_success: fl.headers_on_success,
+            sweep_interval: self.millis("limits.sweep_interval_ms", fl.sweep_interval_ms)?,
+            ip_prefixes: (fl.ipv4_prefix, fl.ipv6_prefix),
         };
 
         if tracing_subscriber::EnvFilter::try_new(&file.log.level).is_err() {
@@ -1745,13 +1889,108 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.key, "routes[0].rate_limits[1].name");
-        let e = with("login_guard = true\nmax_body_bytes = 100000").unwrap_err();
+        let e =
+            with("methods = [\"POST\"]\nlogin_guard = true\nmax_body_bytes = 100000").unwrap_err();
         assert_eq!(e.key, "routes[0].max_body_bytes");
     }
 
     #[test]
+    fn a_policy_name_is_one_policy_on_every_route() {
+        let two = |a: &str, b: &str| {
+            let route = |name: &str, prefix: &str, policy: &str| {
+                format!(
+                    "[[routes]]\nname = \"{name}\"\npath_prefix = \"{prefix}\"\n\
+                     upstream = \"control\"\nauth = \"public\"\nrate_limit = {policy}\n"
+                )
+            };
+            let text = MINIMAL.split("[[routes]]").next().unwrap().to_string()
+                + &route("a", "/a", a)
+                + &route("b", "/b", b);
+            parse(&text)
+        };
+        let p = "{ name = \"shared\", key = \"ip\", per_second = 5 }";
+        assert!(two(p, p).is_ok());
+        for other in [
+            "{ name = \"shared\", key = \"ip\", per_second = 6 }",
+            "{ name = \"shared\", key = \"ip\", per_second = 5, burst = 9 }",
+            "{ name = \"shared\", key = \"ip\", per_minute = 300 }",
+        ] {
+            let e = two(p, other).unwrap_err();
+            assert_eq!(e.key, "routes[1].rate_limit.name", "{other}");
+            assert!(e.message.contains("route `a`"), "{e}");
+        }
+    }
+
+    #[test]
+    fn login_routes_allow_post_only() {
+        let with = |extra: &str| {
+            parse(&MINIMAL.replace("auth = \"public\"", &format!("auth = \"public\"\n{extra}")))
+        };
+        assert!(with("methods = [\"POST\"]\nlogin_guard = true\nmax_body_bytes = 1000").is_ok());
+        for methods in ["", "methods = [\"POST\", \"PUT\"]", "methods = [\"GET\"]"] {
+            let e = with(&format!("{methods}\nlogin_guard = true")).unwrap_err();
+            assert_eq!(e.key, "routes[0].methods", "{methods}");
+        }
+    }
+
+    #[test]
+    fn websocket_is_on_for_query_token_routes_only_by_default() {
+        let c = parse(MINIMAL).unwrap();
+        assert!(!c.routes[0].websocket);
+        let c = parse(&MINIMAL.replace("auth = \"public\"", "auth = \"public\"\nwebsocket = true"))
+            .unwrap();
+        assert!(c.routes[0].websocket);
+    }
+
+    #[test]
+    fn lockout_and_ip_key_settings_are_checked() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.lockout.max_failures_per_email, 30);
+        assert_eq!(c.lockout.failure_statuses, [401]);
+        assert_eq!(c.limits.ip_prefixes, (32, 64));
+        for (extra, key) in [
+            (
+                "[lockout]\nmax_failures_per_email = 5",
+                "lockout.max_failures_per_email",
+            ),
+            (
+                "[lockout]\nfailure_statuses = []",
+                "lockout.failure_statuses",
+            ),
+            (
+                "[lockout]\nfailure_statuses = [500]",
+                "lockout.failure_statuses",
+            ),
+            (
+                "[lockout]\nfailure_statuses = [429]",
+                "lockout.failure_statuses",
+            ),
+            ("[limits]\nipv6_prefix = 0", "limits.ipv6_prefix"),
+            ("[limits]\nipv4_prefix = 33", "limits.ipv4_prefix"),
+        ] {
+            let e = parse(&format!("{MINIMAL}\n{extra}")).unwrap_err();
+            assert_eq!(e.key, key, "{extra}");
+        }
+        let c = parse(&format!(
+            "{MINIMAL}\n[lockout]\nfailure_statuses = [400, 401, 403]\nmax_failures_per_email = 10"
+        ))
+        .unwrap();
+        assert_eq!(c.lockout.failure_statuses, [400, 401, 403]);
+        assert_eq!(c.lockout.max_failures_per_email, 10);
+    }
+
+    #[test]
     fn unsafe_prefix_is_refused() {
-        let e = parse(&MINIMAL.replace("/api/v1/", "/api/../v1/")).unwrap_err();
-        assert_eq!(e.key, "routes[0].path_prefix");
+        for bad in [
+            "/api/../v1/",
+            "/api/v1%2f",
+            "/api/%61",
+            "/api:v1/",
+            "/api v1/",
+            "/api//v1/",
+        ] {
+            let e = parse(&MINIMAL.replace("/api/v1/", bad)).unwrap_err();
+            assert_eq!(e.key, "routes[0].path_prefix", "{bad}");
+        }
     }
 }

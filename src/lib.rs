@@ -12,9 +12,12 @@ pub mod config;
 pub mod connection;
 pub mod demo;
 pub mod envelope;
+pub mod forward;
 pub mod limits;
 pub mod metrics;
+pub mod path;
 pub mod proxy;
+pub mod redact;
 pub mod reload;
 pub mod request_id;
 pub mod rewrite;
@@ -154,6 +157,7 @@ pub fn build_server(
         }
     }
     let admin_listen = config.server.admin_listen.to_string();
+    let admin_token = config.server.admin_token.clone();
     let reloader = Arc::new(reload::Reloader::new(
         config,
         state,
@@ -189,7 +193,7 @@ pub fn build_server(
     }
     server.add_service(proxy);
 
-    let admin_app = admin::Admin::new(metrics, health, reloader);
+    let admin_app = admin::Admin::new(metrics, health, reloader, admin_token);
     let mut admin = Service::new("admin".to_string(), admin_app);
     admin.add_tcp(&admin_listen);
     server.add_service(admin);

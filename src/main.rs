@@ -66,7 +66,7 @@ fn init_logging(level: &str, format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(get2dial_gateway::redact::stderr);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
@@ -177,7 +177,7 @@ fn describe(c: &Config) -> String {
         );
     }
     let mut routes: Vec<_> = c.routes.iter().collect();
-    routes.sort_by_key(|r| std::cmp::Reverse(r.path_prefix.len()));
+    routes.sort_by_key(|r| (std::cmp::Reverse(r.path_prefix.len()), !r.exact));
     for r in routes {
         let methods = if r.methods.is_empty() {
             "ANY".to_string()
@@ -213,7 +213,11 @@ fn describe(c: &Config) -> String {
             out,
             "route {:<16} {:<28} {:<10} -> {:<10} {}",
             r.name,
-            r.path_prefix,
+            if r.exact {
+                format!("={}", r.path_prefix)
+            } else {
+                r.path_prefix.clone()
+            },
             methods,
             c.upstreams[r.upstream].name,
             extras.join(" ")

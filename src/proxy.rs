@@ -16,17 +16,19 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorSource, ErrorType};
 
 use crate::auth::{self, node_key, Identity, Mode, Rejection, Role};
-use crate::client_ip;
+use crate::client_ip::{self, Client};
 use crate::config::{Cors, LOGIN_BODY_CAP};
 use crate::envelope;
-use crate::limits::lockout;
+use crate::forward;
+use crate::limits::lockout::{self, Guess, Refusal};
 use crate::limits::ratelimit::{self, KeyKind};
 use crate::metrics::{self, Metrics};
+use crate::path;
 use crate::request_id;
 use crate::rewrite::{self, Plan, Rewrite};
 use crate::routes::{Match, Route};
 use crate::state::State;
-use crate::store::{Reservation, Settlement, Store, Ticket};
+use crate::store::Store;
 
 /// Label used for requests that matched no route.
 const UNMATCHED: &str = "unmatched";
@@ -67,12 +69,14 @@ pub struct Ctx {
     body_bytes: u64,
     /// The verified caller, on token routes.
     identity: Option<Arc<Identity>>,
-    /// The client's address (the socket peer, or from a trusted proxy's X-Forwarded-For).
-    client_ip: Option<std::net::IpAddr>,
+    /// The client (the socket peer, or from a trusted proxy's X-Forwarded-For).
+    client: Client,
+    /// The socket peer is a trusted proxy.
+    from_trusted_proxy: bool,
     /// Rate-limit headers for the answer, when configured on allowed responses.
     rate_headers: Vec<(HeaderName, HeaderValue)>,
-    /// A reserved login guess: the lockout key and its ticket, settled in `logging`.
-    login: Option<(String, Ticket)>,
+    /// A reserved login guess, settled when the upstream answers or in `logging`.
+    login: Option<Guess>,
     /// The upstream's status, once its header arrived.
     upstream_status: Option<u16>,
     /// How authentication went, for the access log: `none`, `ok` or the rejection reason.
@@ -94,6 +98,13 @@ impl ProxyHttp for Gateway {
     /// nothing.
     fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
+    /// What Pingora's own error lines say about a request: method and path only. Its default
+    /// prints the whole target, and a query may carry a token (`?token=` on WebSocket routes).
+    fn request_summary(&self, session: &Session, _ctx: &Ctx) -> String {
+        let req = session.req_header();
+        format!("{} {}", req.method, req.uri.path())
+    }
+
     fn new_ctx(&self) -> Ctx {
         Ctx {
             state: self.state.load_full(),
@@ -105,7 +116,8 @@ impl ProxyHttp for Gateway {
             tries: 0,
             body_bytes: 0,
             identity: None,
-            client_ip: None,
+            client: Client::Unknown(Box::default()),
+            from_trusted_proxy: false,
             rate_headers: Vec::new(),
             login: None,
             upstream_status: None,
@@ -124,11 +136,12 @@ impl ProxyHttp for Gateway {
         // 1. Request id: keep a sane one, otherwise make one. And who is asking, for the log,
         //    the network gate and the rate limits.
         ctx.request_id = request_id::take_or_make(session.req_header());
-        ctx.client_ip = peer_ip(session).map(|peer| {
-            state
+        if let Some(peer) = peer_ip(session) {
+            ctx.from_trusted_proxy = state.trusted_proxies.trusts(peer);
+            ctx.client = state
                 .trusted_proxies
-                .client(peer, &session.req_header().headers)
-        });
+                .client(peer, &session.req_header().headers);
+        }
 
         // 2. The edge: TLS or not, the CORS origin, preflights, plain-to-https redirects.
         ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
@@ -170,16 +183,32 @@ impl ProxyHttp for Gateway {
             return self.reject(session, ctx, 431, None, &[]).await;
         }
 
-        // 4. Route.
+        // 4. Route, on the path as the upstream will route on it; that path is also what
+        //    goes upstream.
         let req = session.req_header();
-        let route = match state.routes.find(&req.method, req.uri.path()) {
-            Match::Found(route) => route.clone(),
-            Match::NotFound => return self.reject(session, ctx, 404, None, &[]).await,
-            Match::BadPath => {
+        let path = match path::normalise(req.uri.path()) {
+            Ok(path) => path,
+            Err(path::Invalid) => {
                 return self
                     .reject(session, ctx, 400, Some("invalid request path"), &[])
                     .await
             }
+        };
+        let found = state.routes.find(&req.method, &path);
+        if let Cow::Owned(normalised) = &path {
+            let uri = with_path(&req.uri, normalised);
+            match uri {
+                Some(uri) => session.req_header_mut().set_uri(uri),
+                None => {
+                    return self
+                        .reject(session, ctx, 400, Some("invalid request path"), &[])
+                        .await
+                }
+            }
+        }
+        let route = match found {
+            Match::Found(route) => route.clone(),
+            Match::NotFound => return self.reject(session, ctx, 404, None, &[]).await,
             Match::MethodNotAllowed(route, allow) => {
                 // Labelled with the route whose path matched; no upstream is involved.
                 ctx.route = Some(route.clone());
@@ -190,6 +219,12 @@ impl ProxyHttp for Gateway {
             }
         };
         ctx.route = Some(route.clone());
+        // A tunnel carries what no check here saw: only where the route says so.
+        if session.is_upgrade_req() && !route.websocket {
+            return self
+                .reject(session, ctx, 400, Some("upgrade not allowed"), &[])
+                .await;
+        }
 
         // 5. Size: refuse an announced oversized body before reading any of it.
         let announced = session
@@ -201,7 +236,7 @@ impl ProxyHttp for Gateway {
         if announced.is_some_and(|n| n > route.max_body_bytes) {
             // The unread body must not be drained into the next request: close after answering.
             session.set_keepalive(None);
-            if route.login.is_some() && session.req_header().method == http::Method::POST {
+            if route.login.is_some() {
                 self.count_login("invalid_body");
             }
             return self.reject(session, ctx, 413, None, &[]).await;
@@ -209,7 +244,7 @@ impl ProxyHttp for Gateway {
         // 6. Network gate.
 
         if let Some(gate) = &route.gate {
-            if !ctx.client_ip.is_some_and(|ip| gate.allows(ip)) {
+            if !ctx.client.ip().is_some_and(|ip| gate.allows(ip)) {
                 return self.refuse(session, ctx, Rejection::Network).await;
             }
         }
@@ -239,11 +274,23 @@ impl ProxyHttp for Gateway {
 
         // 9. Rate limits.
         for policy in &route.rate_limits {
+            let mut buf = Vec::new();
             let key = match (policy.key, &ctx.identity) {
                 (KeyKind::Ip, _) => {
-                    Cow::Owned(ctx.client_ip.map(|ip| ip.to_string()).unwrap_or_default())
+                    ctx.client.write_rate_key(&mut buf, state.ip_prefixes);
+                    String::from_utf8_lossy(&buf)
                 }
-                (KeyKind::User, Some(id)) => String::from_utf8_lossy(id.user.as_bytes()),
+                // A user is a subject within a tenant: `sub` alone would make one tenant's
+                // user 42 throttle another's. Length-prefixed, so no two pairs share a key.
+                (KeyKind::User, Some(id)) => {
+                    let (tid, sub) = (id.tenant.as_bytes(), id.user.as_bytes());
+                    buf.extend_from_slice(tid.len().to_string().as_bytes());
+                    buf.push(b':');
+                    buf.extend_from_slice(tid);
+                    buf.push(b':');
+                    buf.extend_from_slice(sub);
+                    String::from_utf8_lossy(&buf)
+                }
                 (KeyKind::Tenant, Some(id)) => String::from_utf8_lossy(id.tenant.as_bytes()),
                 // Config validation keeps user/tenant keys to token routes.
                 (_, None) => continue,
@@ -280,9 +327,10 @@ impl ProxyHttp for Gateway {
 
         session.set_read_timeout(Some(state.client_body_timeout));
 
-        // 10. Login guard: a strict body, then a reserved guess or the lock.
-        if let Some(policy) = &route.login {
-            if session.req_header().method == http::Method::POST {
+        // 10. Login guard: a strict body, then a reserved guess or the lock. The route allows
+        //     POST only (config validation).
+        if let Some(guard) = &route.login {
+            {
                 let cap = route.max_body_bytes.min(LOGIN_BODY_CAP);
                 let body = match read_body(session, cap, state.client_body_timeout).await {
                     Ok(body) => body,
@@ -294,20 +342,20 @@ impl ProxyHttp for Gateway {
                         return self.reject(session, ctx, status, None, &[]).await;
                     }
                 };
-                let Some(key) = lockout::login_key(&body) else {
+                let Some(account) = lockout::account(&body) else {
                     self.count_login("invalid_body");
                     return self.reject(session, ctx, 400, None, &[]).await;
                 };
-                match self.store.reserve(&key, policy).await {
-                    Reservation::Granted(ticket) => ctx.login = Some((key, ticket)),
-                    Reservation::Locked(left) => {
+                match guard.reserve(self.store.as_ref(), &account).await {
+                    Ok(guess) => ctx.login = Some(guess),
+                    Err(Refusal::Locked(left)) => {
                         self.count_login("locked");
                         let secs = ratelimit::retry_after_secs(left);
                         let extra = [(header::RETRY_AFTER, HeaderValue::from(secs))];
                         let message = Some("account temporarily locked");
                         return self.reject(session, ctx, 403, message, &extra).await;
                     }
-                    Reservation::Full => {
+                    Err(Refusal::Full) => {
                         self.count_login("throttled");
                         let extra = [(header::RETRY_AFTER, HeaderValue::from(1u64))];
                         return self.reject(session, ctx, 429, None, &extra).await;
@@ -375,7 +423,8 @@ impl ProxyHttp for Gateway {
         e
     }
 
-    /// Identity and tracing headers for the upstream.
+    /// The request as the upstream gets it: client headers it must not believe dropped (see
+    /// [`forward`]), the request id, forwarding and identity headers set by the gateway.
     async fn upstream_request_filter(
         &self,
         session: &mut Session,
@@ -386,27 +435,49 @@ impl ProxyHttp for Gateway {
         // gateway's headers. Pingora's own inserts parse the name again, keep a second
         // (case-preserving) map and grow both maps insert by insert: about 1.5k instructions
         // per header, most of this filter's cost. Header names therefore go upstream in
-        // canonical case (as Envoy sends them), the request target as it came. Identity
-        // headers come from the gateway only: whatever the client sent is left out of the copy,
-        // on every route, and the verified values are set below.
+        // canonical case (as Envoy sends them), the request target as it came (normalised
+        // in `request_filter`). Identity headers come from the gateway only: whatever the
+        // client sent is left out of the copy, on every route, and the verified values are
+        // set below.
         let names = &ctx.state.identity_headers;
-        let mut parts = request_parts(upstream_request, GATEWAY_HEADERS, names.all());
+        let trusted = ctx.from_trusted_proxy;
+        let scrub = &ctx.state.scrub;
+        let mut parts = request_parts(upstream_request, GATEWAY_HEADERS, |n| {
+            scrub.drops(n, trusted)
+        });
         let headers = &mut parts.headers;
         headers.insert(envelope::REQUEST_ID_HEADER, ctx.request_id.clone());
         if let Some(peer) = peer_ip(session) {
-            // Behind a trusted proxy the chain grows by that proxy; otherwise a client-sent
-            // X-Forwarded-For is replaced by the peer.
+            // Behind a trusted proxy the chain (every line of it: several lines are one list)
+            // grows by that proxy; otherwise a client-sent X-Forwarded-For is replaced by the
+            // peer.
             let mut chain = Vec::with_capacity(64);
-            if let Some(prev) = headers.get(X_FORWARDED_FOR) {
-                if ctx.state.trusted_proxies.trusts(peer) {
-                    chain.extend_from_slice(prev.as_bytes());
+            if trusted {
+                for line in headers.get_all(X_FORWARDED_FOR) {
+                    chain.extend_from_slice(line.as_bytes());
                     chain.extend_from_slice(b", ");
                 }
             }
             client_ip::write_ip(&mut chain, peer);
-            // A valid value followed by an address: always a valid value.
+            // Valid values joined by commas, then an address: always a valid value.
             if let Ok(chain) = HeaderValue::from_maybe_shared(Bytes::from(chain)) {
                 headers.insert(X_FORWARDED_FOR, chain);
+            }
+        }
+        if let Client::Ip(ip) = ctx.client {
+            let mut text = Vec::with_capacity(16);
+            client_ip::write_ip(&mut text, ip);
+            if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(text)) {
+                headers.insert(forward::X_REAL_IP, value);
+            }
+        }
+        if !headers.contains_key(forward::X_FORWARDED_HOST) {
+            let host = headers.get(header::HOST).cloned().or_else(|| {
+                let authority = upstream_request.uri.authority()?;
+                HeaderValue::from_str(authority.as_str()).ok()
+            });
+            if let Some(host) = host {
+                headers.insert(forward::X_FORWARDED_HOST, host);
             }
         }
         if let Some(id) = &ctx.identity {
@@ -442,8 +513,8 @@ impl ProxyHttp for Gateway {
         // Settle the login guess now, before the client sees the answer: a client that retries
         // at once must find its failure already counted.
         if !upstream_response.status.is_informational() {
-            if let Some((key, ticket)) = ctx.login.take() {
-                self.settle_login(&key, ticket, ctx).await;
+            if let Some(guess) = ctx.login.take() {
+                self.settle_login(guess, ctx).await;
             }
         }
         let is_head = session.req_header().method == http::Method::HEAD;
@@ -474,10 +545,12 @@ impl ProxyHttp for Gateway {
         // edge's alone), as the upstream request is: Pingora's inserts and removals each cost
         // two map operations, a name parse and allocations. Header names reach the client in
         // canonical case; the status and reason phrase are the upstream's.
-        let security = ctx.state.security.remove_response_headers.iter();
-        let cors = ctx.state.cors.iter().flat_map(|_| &CORS_RESPONSE_HEADERS);
+        let security = &ctx.state.security.remove_response_headers;
+        let cors = ctx.state.cors.is_some();
         let extra = EDGE_RESPONSE_HEADERS + ctx.rate_headers.len();
-        let mut parts = response_parts(upstream_response, extra, security.chain(cors));
+        let mut parts = response_parts(upstream_response, extra, |n| {
+            security.contains(n) || (cors && CORS_RESPONSE_HEADERS.contains(n))
+        });
         let headers = &mut parts.headers;
         headers.insert(envelope::REQUEST_ID_HEADER, ctx.request_id.clone());
         for (name, value) in &ctx.rate_headers {
@@ -556,8 +629,8 @@ impl ProxyHttp for Gateway {
         self.metrics
             .answered(handles, route, method, status, seconds);
         // A guess whose upstream never answered (timeout, reset, client gone) is given back.
-        if let Some((key, ticket)) = ctx.login.take() {
-            self.settle_login(&key, ticket, ctx).await;
+        if let Some(guess) = ctx.login.take() {
+            self.settle_login(guess, ctx).await;
         }
         let rewritten = ctx.empty_error.is_some()
             || ctx.rewrite.as_ref().is_some_and(Rewrite::violated_contract);
@@ -585,7 +658,7 @@ impl ProxyHttp for Gateway {
                 upstream,
                 duration_ms = ctx.start.elapsed().as_secs_f64() * 1000.0,
                 bytes = session.body_bytes_sent(),
-                client_ip = %ctx.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+                client_ip = %ClientText(&ctx.client),
                 auth = ctx.auth,
             );
         }
@@ -686,19 +759,14 @@ impl Gateway {
         }
     }
 
-    /// Settles a reserved login guess by what the upstream said: 401 uses it up, 2xx clears
-    /// the key, anything else (5xx, or no answer at all) gives it back.
-    async fn settle_login(&self, key: &str, ticket: Ticket, ctx: &Ctx) {
-        let Some(policy) = ctx.route.as_ref().and_then(|r| r.login.as_ref()) else {
+    /// Settles a reserved login guess by what the upstream said (see [`lockout::Guard`]).
+    async fn settle_login(&self, guess: Guess, ctx: &Ctx) {
+        let Some(guard) = ctx.route.as_ref().and_then(|r| r.login.as_ref()) else {
             return;
         };
-        let (outcome, label) = match ctx.upstream_status {
-            Some(401) => (Settlement::Failure, "failure"),
-            Some(s) if (200..300).contains(&s) => (Settlement::Success, "success"),
-            _ => (Settlement::Refund, "error"),
-        };
-        self.count_login(label);
-        if self.store.settle(key, ticket, outcome, policy).await {
+        let outcome = guard.settlement(ctx.upstream_status);
+        self.count_login(lockout::outcome_label(outcome));
+        if guard.settle(self.store.as_ref(), guess, outcome).await {
             self.metrics.lockouts.inc();
             tracing::info!(
                 route = ctx.route.as_ref().map_or("", |r| r.name.as_str()),
@@ -735,17 +803,20 @@ fn authenticate(
     let req = session.req_header();
     match route.auth {
         Mode::Public => Ok(None),
-        Mode::Jwt => {
-            let token = auth::bearer(&req.headers)?.ok_or(Rejection::Missing)?;
+        Mode::Jwt | Mode::JwtQuery => {
+            // Every token the upstream could read is the one verified here: a `?token=`
+            // beside the bearer header must be the same token, and on header-only routes a
+            // `?token=` alone is refused.
+            let header = auth::bearer(&req.headers)?;
+            let query = auth::query_token(req.uri.query())?;
+            let token = match (header, query.as_deref()) {
+                (Some(h), Some(q)) if h != q => return Err(Rejection::Malformed),
+                (Some(h), _) => h,
+                (None, Some(q)) if route.auth == Mode::JwtQuery => q,
+                (None, _) => return Err(Rejection::Missing),
+            };
             verify(state, token).map(Some)
         }
-        Mode::JwtQuery => match auth::bearer(&req.headers)? {
-            Some(token) => verify(state, token).map(Some),
-            None => {
-                let token = auth::query_token(req.uri.query())?.ok_or(Rejection::Missing)?;
-                verify(state, &token).map(Some)
-            }
-        },
         Mode::NodeKey => {
             let key = auth::bearer(&req.headers)?.ok_or(Rejection::Missing)?;
             match &route.node_keys {
@@ -757,6 +828,29 @@ fn authenticate(
             Ok(None)
         }
     }
+}
+
+/// The client as the access log writes it: the address, or the unknown hop's text.
+struct ClientText<'a>(&'a Client);
+
+impl std::fmt::Display for ClientText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Client::Ip(ip) => ip.fmt(f),
+            Client::Unknown(hop) => write!(f, "unknown:{hop}"),
+        }
+    }
+}
+
+/// `uri` with its path replaced by `path` (query, scheme and authority kept).
+fn with_path(uri: &http::Uri, path: &str) -> Option<http::Uri> {
+    let path_and_query = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(path_and_query.parse().ok()?);
+    http::Uri::from_parts(parts).ok()
 }
 
 fn verify(state: &State, token: &str) -> std::result::Result<Arc<Identity>, Rejection> {
@@ -854,24 +948,25 @@ fn host_without_port(host: &str) -> &str {
     host.split(':').next().unwrap_or(host)
 }
 
-/// Headers the gateway adds upstream at most: request id, `X-Forwarded-For`, `-Proto` and four
-/// identity headers.
-const GATEWAY_HEADERS: usize = 7;
+/// Headers the gateway adds upstream at most: request id, `X-Forwarded-For`, `-Proto`, `-Host`,
+/// `X-Real-IP` and four identity headers.
+const GATEWAY_HEADERS: usize = 9;
 
 /// Headers the edge adds to an answer at most: request id, nosniff, `Vary`, three CORS headers
 /// and HSTS (rate-limit headers are counted apart).
 const EDGE_RESPONSE_HEADERS: usize = 7;
 
-/// `src` without the headers `drop` names, in a map with room for `extra` more. Copied header
-/// by header into a map of the right size: cloning the map, growing it and removing from it
-/// would rehash it and search it again.
-fn copy_headers<'n, N>(src: &http::HeaderMap, extra: usize, drop: N) -> http::HeaderMap
-where
-    N: IntoIterator<Item = &'n HeaderName> + Clone,
-{
+/// `src` without the headers `drop` says yes to, in a map with room for `extra` more. Copied
+/// header by header into a map of the right size: cloning the map, growing it and removing
+/// from it would rehash it and search it again.
+fn copy_headers(
+    src: &http::HeaderMap,
+    extra: usize,
+    drop: impl Fn(&HeaderName) -> bool,
+) -> http::HeaderMap {
     let mut out = http::HeaderMap::with_capacity(src.len() + extra);
     for (name, value) in src {
-        if !drop.clone().into_iter().any(|d| d == name) {
+        if !drop(name) {
             out.append(name.clone(), value.clone());
         }
     }
@@ -879,10 +974,11 @@ where
 }
 
 /// `req` as plain `http` parts, its headers copied by [`copy_headers`].
-fn request_parts<'n, N>(req: &RequestHeader, extra: usize, drop: N) -> http::request::Parts
-where
-    N: IntoIterator<Item = &'n HeaderName> + Clone,
-{
+fn request_parts(
+    req: &RequestHeader,
+    extra: usize,
+    drop: impl Fn(&HeaderName) -> bool,
+) -> http::request::Parts {
     let (mut parts, ()) = http::Request::new(()).into_parts();
     parts.method = req.method.clone();
     parts.uri = req.uri.clone();
@@ -893,10 +989,11 @@ where
 }
 
 /// `resp` as plain `http` parts, its headers copied by [`copy_headers`].
-fn response_parts<'n, N>(resp: &ResponseHeader, extra: usize, drop: N) -> http::response::Parts
-where
-    N: IntoIterator<Item = &'n HeaderName> + Clone,
-{
+fn response_parts(
+    resp: &ResponseHeader,
+    extra: usize,
+    drop: impl Fn(&HeaderName) -> bool,
+) -> http::response::Parts {
     let (mut parts, ()) = http::Response::new(()).into_parts();
     parts.status = resp.status;
     parts.version = resp.version;
@@ -971,7 +1068,7 @@ mod tests {
         req.append_header("X-Tenant-Id", "spoofed").unwrap();
         req.append_header("X-One", "2").unwrap();
         let drop = [HeaderName::from_static("x-tenant-id"), header::SERVER];
-        let parts = request_parts(&req, GATEWAY_HEADERS, &drop);
+        let parts = request_parts(&req, GATEWAY_HEADERS, |n| drop.contains(n));
         assert_eq!(parts.method, http::Method::POST);
         assert_eq!(parts.uri, "/a/b?c=d");
         assert_eq!(parts.version, req.version);
@@ -991,7 +1088,7 @@ mod tests {
             .unwrap();
         resp.append_header("Set-Cookie", "a=1").unwrap();
         resp.append_header("Set-Cookie", "b=2").unwrap();
-        let parts = response_parts(&resp, 2, &[header::SERVER]);
+        let parts = response_parts(&resp, 2, |n| n == header::SERVER);
         assert_eq!(parts.status.as_u16(), 599);
         assert!(!parts.headers.contains_key(header::SERVER));
         let cookies: Vec<_> = parts.headers.get_all(header::SET_COOKIE).iter().collect();

@@ -8,17 +8,19 @@ use crate::auth::network::Gate;
 use crate::auth::node_key::NodeKeys;
 use crate::auth::{Mode, Role};
 use crate::config;
+use crate::limits::lockout::Guard;
 use crate::limits::ratelimit::Policy;
 use crate::metrics;
-use crate::store::LockoutPolicy;
 
 /// A route as the runtime uses it.
 #[derive(Debug)]
 pub struct Route {
     /// Name used in metrics and logs.
     pub name: String,
-    /// Path prefix, matched on whole segments.
+    /// Path prefix, matched on whole segments, or the exact path when `exact`.
     pub path_prefix: String,
+    /// Matches `path_prefix` exactly.
+    pub exact: bool,
     /// Allowed methods; empty allows all.
     pub methods: Vec<Method>,
     /// Index of the upstream pool.
@@ -36,7 +38,9 @@ pub struct Route {
     /// Rate-limit policies, all of which must allow a request.
     pub rate_limits: Vec<Policy>,
     /// The lockout, on login routes.
-    pub login: Option<LockoutPolicy>,
+    pub login: Option<Guard>,
+    /// Whether WebSocket upgrades are forwarded.
+    pub websocket: bool,
     /// This route's metric handles, resolved on first use.
     pub metrics: metrics::Handles,
 }
@@ -44,6 +48,9 @@ pub struct Route {
 impl Route {
     fn matches_path(&self, path: &str) -> bool {
         let p = &self.path_prefix;
+        if self.exact {
+            return path == p;
+        }
         match path.strip_prefix(p.as_str()) {
             Some(rest) => rest.is_empty() || p.ends_with('/') || rest.starts_with('/'),
             None => false,
@@ -58,15 +65,13 @@ impl Route {
 /// What matching a request found.
 #[derive(Debug)]
 pub enum Match<'a> {
-    /// The most specific route that takes this method on this path.
+    /// The route that owns the path and takes the method.
     Found(&'a Arc<Route>),
-    /// Routes exist for the path, none for the method: the most specific of them (for labels)
-    /// and the `Allow` header value.
+    /// The routes that own the path refuse the method: the first of them (for labels) and the
+    /// `Allow` header value.
     MethodNotAllowed(&'a Arc<Route>, String),
     /// No route serves the path.
     NotFound,
-    /// The path is not one a route may be matched against (see [`is_unsafe_path`]).
-    BadPath,
 }
 
 /// All routes, most specific (longest prefix) first.
@@ -77,13 +82,14 @@ pub struct RouteTable {
 
 impl RouteTable {
     /// Builds the table from validated config routes; `login` is the lockout of login routes.
-    pub fn new(routes: &[config::Route], login: impl Fn(&config::Route) -> LockoutPolicy) -> Self {
+    pub fn new(routes: &[config::Route], login: impl Fn(&config::Route) -> Guard) -> Self {
         let mut routes: Vec<Arc<Route>> = routes
             .iter()
             .map(|r| {
                 Arc::new(Route {
                     name: r.name.clone(),
                     path_prefix: r.path_prefix.clone(),
+                    exact: r.exact,
                     methods: r.methods.clone(),
                     upstream: r.upstream,
                     max_body_bytes: r.max_body_bytes,
@@ -94,12 +100,14 @@ impl RouteTable {
                     node_keys: r.node_keys.clone(),
                     rate_limits: r.rate_limits.clone(),
                     login: r.login_guard.then(|| login(r)),
+                    websocket: r.websocket,
                     metrics: metrics::Handles::default(),
                 })
             })
             .collect();
-        // Stable sort: equal prefixes keep file order.
-        routes.sort_by_key(|r| std::cmp::Reverse(r.path_prefix.len()));
+        // Longest first, an exact path before a prefix of the same text; stable, so equal
+        // prefixes keep file order.
+        routes.sort_by_key(|r| (std::cmp::Reverse(r.path_prefix.len()), !r.exact));
         RouteTable { routes }
     }
 
@@ -108,91 +116,38 @@ impl RouteTable {
         &self.routes
     }
 
-    /// Finds the route for `method` and `path` (the path without its query).
+    /// Finds the route for `method` and `path`, a path [`crate::path::normalise`] returned.
     ///
-    /// The longest matching prefix that allows the method wins; when the path matches only
-    /// routes that refuse the method, the answer is 405 with the union of their methods.
+    /// The most specific route whose prefix matches the path owns it: when none of the routes
+    /// with that prefix allows the method, the answer is 405 with their methods, never a
+    /// broader route (which may check callers differently). Routes with the same prefix split
+    /// it by method.
     pub fn find(&self, method: &Method, path: &str) -> Match<'_> {
-        if is_unsafe_path(path) {
-            return Match::BadPath;
-        }
-        let mut most_specific = None;
-        for route in &self.routes {
-            if route.matches_path(path) {
-                if route.allows(method) {
-                    return Match::Found(route);
-                }
-                most_specific = most_specific.or(Some(route));
-            }
-        }
-        let Some(most_specific) = most_specific else {
+        let mut routes = self.routes.iter().filter(|r| r.matches_path(path));
+        let Some(owner) = routes.next() else {
             return Match::NotFound;
         };
+        let same =
+            std::iter::once(owner).chain(routes.take_while(|r| r.path_prefix == owner.path_prefix));
         let mut allowed: Vec<&str> = Vec::new();
-        for route in self.routes.iter().filter(|r| r.matches_path(path)) {
+        for route in same {
+            if route.allows(method) {
+                return Match::Found(route);
+            }
             for m in &route.methods {
                 if !allowed.contains(&m.as_str()) {
                     allowed.push(m.as_str());
                 }
             }
         }
-        Match::MethodNotAllowed(most_specific, allowed.join(", "))
-    }
-}
-
-/// True for paths that could make the gateway and the upstream disagree about which resource is
-/// meant: not starting with `/`, empty segments (`//`), `.` or `..` segments, backslashes,
-/// control characters, and percent-encoded dots, slashes, backslashes or control bytes.
-pub fn is_unsafe_path(path: &str) -> bool {
-    let bytes = path.as_bytes();
-    if bytes.first() != Some(&b'/') {
-        return true;
-    }
-    // One pass over the bytes: this runs on every request.
-    let dot_segment = |seg: &[u8]| seg == b"." || seg == b"..";
-    let mut segment_start = 1;
-    for (i, &b) in bytes.iter().enumerate().skip(1) {
-        match b {
-            b'/' => {
-                let segment = &bytes[segment_start..i];
-                if segment.is_empty() || dot_segment(segment) {
-                    return true;
-                }
-                segment_start = i + 1;
-            }
-            b'\\' | b' ' => return true,
-            b if b.is_ascii_control() => return true,
-            b'%' => match (
-                bytes.get(i + 1).and_then(hex),
-                bytes.get(i + 2).and_then(hex),
-            ) {
-                (Some(hi), Some(lo)) => {
-                    let decoded = hi << 4 | lo;
-                    if matches!(decoded, b'.' | b'/' | b'\\') || decoded.is_ascii_control() {
-                        return true;
-                    }
-                }
-                _ => return true, // malformed percent-encoding
-            },
-            _ => {}
-        }
-    }
-    dot_segment(&bytes[segment_start..])
-}
-
-/// The value of one hex digit.
-fn hex(b: &u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
+        Match::MethodNotAllowed(owner, allowed.join(", "))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::path;
 
     fn route(name: &str, prefix: &str, methods: &[Method]) -> config::Route {
         config::Route::public(name, prefix, methods)
@@ -202,7 +157,11 @@ mod tests {
         RouteTable::new_without_login(&[
             route("api", "/api/v1/", &[]),
             route("login", "/api/v1/auth/login", &[Method::POST]),
+            route("register", "/api/v1/nodes/register", &[Method::POST]),
+            route("nodes", "/api/v1/nodes/", &[]),
             route("health", "/healthz", &[Method::GET, Method::HEAD]),
+            route("items-read", "/items", &[Method::GET, Method::HEAD]),
+            route("items-write", "/items", &[Method::POST]),
         ])
     }
 
@@ -217,7 +176,6 @@ mod tests {
             Match::Found(r) => r.name.clone(),
             Match::MethodNotAllowed(r, a) => format!("405 {} {a}", r.name),
             Match::NotFound => "404".into(),
-            Match::BadPath => "bad".into(),
         }
     }
 
@@ -226,60 +184,130 @@ mod tests {
         let t = table();
         assert_eq!(name(t.find(&Method::POST, "/api/v1/auth/login")), "login");
         assert_eq!(name(t.find(&Method::POST, "/api/v1/auth/login/x")), "login");
-        // Not a segment boundary: falls back to the broader route.
+        // Not a segment boundary: the broader route.
         assert_eq!(name(t.find(&Method::POST, "/api/v1/auth/loginx")), "api");
-        assert_eq!(name(t.find(&Method::GET, "/api/v1/auth/login")), "api");
         assert_eq!(name(t.find(&Method::GET, "/healthz")), "health");
         assert_eq!(name(t.find(&Method::GET, "/healthzz")), "404");
         assert_eq!(name(t.find(&Method::GET, "/api/v1")), "404");
     }
 
     #[test]
-    fn wrong_method_lists_allowed() {
+    fn the_most_specific_route_owns_its_path_for_every_method() {
+        let t = table();
+        // Never a fall-through to the broader route with other checks.
         assert_eq!(
-            name(table().find(&Method::POST, "/healthz")),
+            name(t.find(&Method::GET, "/api/v1/auth/login")),
+            "405 login POST"
+        );
+        assert_eq!(
+            name(t.find(&Method::PUT, "/api/v1/nodes/register")),
+            "405 register POST"
+        );
+        assert_eq!(
+            name(t.find(&Method::POST, "/healthz")),
             "405 health GET, HEAD"
+        );
+        // Routes with the same prefix split it by method.
+        assert_eq!(name(t.find(&Method::GET, "/items/1")), "items-read");
+        assert_eq!(name(t.find(&Method::POST, "/items/1")), "items-write");
+        assert_eq!(
+            name(t.find(&Method::DELETE, "/items")),
+            "405 items-read GET, HEAD, POST"
         );
     }
 
     #[test]
-    fn path_tricks_are_refused() {
-        for p in [
-            "/api/v1/../admin",
-            "/api/v1/./x",
-            "//api/v1/x",
-            "/api/v1//x",
-            "/api/v1/%2e%2e/x",
-            "/api/v1/%2E/x",
-            "/api/v1%2fx",
-            "/api/v1/%5cx",
-            "/api/v1/%zz",
-            "/api/v1/%0a",
-            "/api\\v1",
-            "api/v1",
-            "",
-            "/api/..",
-            "/.",
-            "/a/.",
-            "/a/%2",
-            "/a/%",
-            "/a%00",
-            "/a b",
-            "/a\tb",
-        ] {
-            assert!(is_unsafe_path(p), "{p}");
+    fn exact_routes_own_their_path_only_and_beat_a_prefix_of_the_same_text() {
+        let exact = |name: &str, path: &str, methods: &[Method]| config::Route {
+            exact: true,
+            ..route(name, path, methods)
+        };
+        let t = RouteTable::new_without_login(&[
+            route("api", "/api/v1/", &[]),
+            exact("login", "/api/v1/auth/login", &[Method::POST]),
+            route("login-tree", "/api/v1/auth/login", &[Method::GET]),
+        ]);
+        assert_eq!(name(t.find(&Method::POST, "/api/v1/auth/login")), "login");
+        // Same text: one group, split by method.
+        assert_eq!(
+            name(t.find(&Method::GET, "/api/v1/auth/login")),
+            "login-tree"
+        );
+        assert_eq!(
+            name(t.find(&Method::GET, "/api/v1/auth/login/x")),
+            "login-tree"
+        );
+        let t = RouteTable::new_without_login(&[
+            route("api", "/api/v1/", &[]),
+            exact("login", "/api/v1/auth/login", &[Method::POST]),
+        ]);
+        // As Go's ServeMux: a pattern without a trailing slash is that path only.
+        assert_eq!(name(t.find(&Method::POST, "/api/v1/auth/login/")), "api");
+        assert_eq!(name(t.find(&Method::POST, "/api/v1/auth/login/x")), "api");
+        assert_eq!(
+            name(t.find(&Method::GET, "/api/v1/auth/login")),
+            "405 login POST"
+        );
+    }
+
+    /// Every byte a path may hold, escaped or not, in upper and lower case.
+    fn spellings(c: u8) -> Vec<String> {
+        let mut out = vec![format!("%{c:02X}"), format!("%{c:02x}")];
+        if c.is_ascii_graphic() && !matches!(c, b'%' | b'?' | b'#') {
+            out.push((c as char).to_string());
         }
-        for p in [
-            "/",
-            "/api/v1/",
-            "/api/v1/x%20y",
-            "/a/b.c/..d",
-            "/api/v1/users/1",
-            "/a/.../b",
-            "/a/.b/",
-            "/%41%62",
-        ] {
-            assert!(!is_unsafe_path(p), "{p}");
+        out
+    }
+
+    /// A Go `net/http` ServeMux in miniature: percent-decode the whole path, then the longest
+    /// registered prefix on a segment boundary.
+    fn decoded_owner(t: &RouteTable, raw: &str) -> String {
+        let bytes = raw.as_bytes();
+        let mut decoded = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'%' {
+                let h = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
+                decoded.push(u8::from_str_radix(h, 16).unwrap());
+                i += 3;
+            } else {
+                decoded.push(bytes[i]);
+                i += 1;
+            }
         }
+        let decoded = String::from_utf8_lossy(&decoded);
+        t.routes()
+            .iter()
+            .find(|r| r.matches_path(&decoded))
+            .map_or("404".into(), |r| r.path_prefix.clone())
+    }
+
+    #[test]
+    fn the_gateway_owner_is_the_owner_after_full_decoding() {
+        // Each path of the table with one character replaced by every spelling of every
+        // byte: whatever the gateway does not refuse, it routes to the route a decoding
+        // upstream routes to.
+        let t = table();
+        let mut checked = 0;
+        for base in ["/api/v1/auth/login", "/api/v1/nodes/register", "/healthz"] {
+            for at in 1..base.len() {
+                for c in 0u8..=255 {
+                    for s in spellings(c) {
+                        let raw = format!("{}{}{}", &base[..at], s, &base[at + 1..]);
+                        let Ok(norm) = path::normalise(&raw) else {
+                            continue;
+                        };
+                        let ours = t
+                            .routes()
+                            .iter()
+                            .find(|r| r.matches_path(&norm))
+                            .map_or("404".into(), |r| r.path_prefix.clone());
+                        assert_eq!(ours, decoded_owner(&t, &raw), "{raw}");
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked > 10_000, "{checked}");
     }
 }

@@ -10,6 +10,8 @@ use std::time::Duration;
 use crate::auth::jwt::Verifier;
 use crate::client_ip::TrustedProxies;
 use crate::config::{Config, Cors, IdentityHeaders, PlainMode, Security};
+use crate::forward::Scrub;
+use crate::limits::lockout::Guard;
 use crate::routes::{Route, RouteTable};
 use crate::store::LockoutPolicy;
 use crate::upstreams::Pool;
@@ -28,6 +30,10 @@ pub struct State {
     pub identity_headers: IdentityHeaders,
     /// Proxies whose X-Forwarded-For is believed.
     pub trusted_proxies: TrustedProxies,
+    /// Client headers that never reach the upstream.
+    pub scrub: Scrub,
+    /// Prefix lengths (IPv4, IPv6) of the networks that share an `ip` rate bucket.
+    pub ip_prefixes: (u8, u8),
     /// Send rate-limit headers on allowed answers.
     pub rate_headers_on_success: bool,
     /// Write one access-log line per request.
@@ -52,8 +58,8 @@ impl State {
             // A reserved guess is given back by itself once its request cannot be running any
             // more: every timeout of one attempt, plus margin.
             let u = &config.upstreams[r.upstream];
-            LockoutPolicy {
-                max_failures: lockout.max_failures,
+            let policy = |max_failures| LockoutPolicy {
+                max_failures,
                 lock: lockout.lock,
                 reservation_ttl: u.connect_timeout
                     + u.write_timeout
@@ -61,6 +67,11 @@ impl State {
                     + config.server.client_body_timeout
                     + Duration::from_secs(5),
                 max_entries: lockout.max_entries,
+            };
+            Guard {
+                account: policy(lockout.max_failures),
+                email: policy(lockout.max_failures_per_email),
+                failure_statuses: lockout.failure_statuses.clone(),
             }
         });
         let pools = config
@@ -75,6 +86,8 @@ impl State {
             jwt: config.jwt.as_ref().map(Verifier::new),
             identity_headers: config.identity_headers.clone(),
             trusted_proxies: TrustedProxies::new(config.server.trusted_proxies.clone()),
+            scrub: Scrub::new(config.identity_headers.all()),
+            ip_prefixes: config.limits.ip_prefixes,
             rate_headers_on_success: config.limits.headers_on_success,
             access_log: config.log.access_log,
             max_header_bytes: config.server.max_header_bytes,

@@ -41,6 +41,13 @@ auth = "public"
 max_body_bytes = 1024
 
 [[routes]]
+name = "tunnel"
+path = "/u/ws"
+upstream = "app"
+auth = "public"
+websocket = true
+
+[[routes]]
 name = "only-get"
 path_prefix = "/only-get"
 methods = ["GET"]
@@ -424,9 +431,17 @@ fn request_ids_are_kept_made_and_forwarded() {
 }
 
 #[test]
-fn websocket_upgrade_passes() {
+fn websocket_upgrade_passes_where_the_route_allows_it() {
     let up = Upstream::start();
     let gw = gateway(&up);
+    // A public route that does not say `websocket = true` carries no tunnel.
+    let hits = up.hits.load(std::sync::atomic::Ordering::SeqCst);
+    let r = gw.send(
+        b"GET /u/other HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    );
+    r.assert_envelope(400, "upgrade not allowed");
+    assert_eq!(up.hits.load(std::sync::atomic::Ordering::SeqCst), hits);
     let mut c = Conn::open(gw.addr);
     let r = c.send(
         b"GET /u/ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\

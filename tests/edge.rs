@@ -9,54 +9,14 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use common::tls::{client, Pki};
 use common::upstream::Upstream;
 use common::{free_port, parse_metrics, Gateway};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
 use rustls::pki_types::pem::PemObject;
 
 const UNAUTHORIZED: &str =
     r#"{"status":"error","message":"missing or invalid authorization header"}"#;
 const SECRET: &str = "edge-test-secret-0123456789abcdef";
-
-struct Pki {
-    ca_pem: String,
-    ca: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        // Distinct names: OpenSSL (curl) takes a leaf whose issuer equals its subject for
-        // self-signed.
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "get2dial test CA");
-        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        Pki {
-            ca_pem: ca.pem(),
-            ca,
-        }
-    }
-
-    /// A server certificate for `names` (and 127.0.0.1): (cert PEM, key PEM, cert DER).
-    fn issue(&self, names: &[&str]) -> (String, String, Vec<u8>) {
-        let key = KeyPair::generate().unwrap();
-        let mut params =
-            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        params
-            .subject_alt_names
-            .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, names[0]);
-        let cert = params.signed_by(&key, &self.ca).unwrap();
-        (cert.pem(), key.serialize_pem(), cert.der().to_vec())
-    }
-}
 
 fn token() -> String {
     common::mint_token(SECRET, "t-1", "u-1", "agent")
@@ -133,22 +93,6 @@ certificates = [
         pki,
         api_der,
     }
-}
-
-fn client(pki: &Pki, tls_port: u16, http2_only: bool) -> reqwest::blocking::Client {
-    let ca = reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap();
-    let mut b = reqwest::blocking::Client::builder()
-        .add_root_certificate(ca)
-        .tls_built_in_root_certs(false)
-        .resolve("api.test", format!("127.0.0.1:{tls_port}").parse().unwrap())
-        .no_gzip()
-        .redirect(reqwest::redirect::Policy::none());
-    b = if http2_only {
-        b.http2_prior_knowledge()
-    } else {
-        b.http1_only()
-    };
-    b.build().unwrap()
 }
 
 /// The leaf certificate the server presents for `sni`, if the handshake verifies for that name.

@@ -28,7 +28,7 @@ fn gateway(up: &Upstream) -> Gateway {
             "login",
             "/l/",
             "public",
-            "login_guard = true\nmax_body_bytes = 4096\n",
+            "methods = [\"POST\"]\nlogin_guard = true\nmax_body_bytes = 4096\n",
         ),
     ] {
         for (upstream, suffix, p) in [

@@ -33,6 +33,30 @@ auth = "public"
     )
 }
 
+/// The `[server]` key that turns admin actions on, and the token it reads.
+const ADMIN_TOKEN_KEY: &str = "admin_token = \"env:G2D_ADMIN_TOKEN\"";
+const ADMIN_TOKEN: &str = "ops-admin-token-0123456789abcdef";
+
+/// `POST /-/reload` with the admin token.
+fn reload_request() -> Vec<u8> {
+    format!(
+        "POST /-/reload HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\
+         Content-Length: 0\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+#[test]
+fn admin_actions_are_off_without_a_token() {
+    let up = Upstream::start();
+    let gw = Gateway::start(&routes(&up, ""));
+    let r = common::request(gw.admin, &reload_request());
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(r.text().contains("admin_token"), "{}", r.text());
+    // Reads stay open on the admin listener.
+    assert_eq!(common::request(gw.admin, &get("/metrics")).status, 200);
+}
+
 fn metric(gw: &Gateway, series: &str) -> f64 {
     parse_metrics(&gw.metrics())
         .get(series)
@@ -43,7 +67,12 @@ fn metric(gw: &Gateway, series: &str) -> f64 {
 #[test]
 fn reload_under_load_drops_nothing_and_refuses_bad_files() {
     let up = Upstream::start();
-    let gw = Arc::new(Gateway::start(&routes(&up, "")));
+    let gw = Arc::new(Gateway::start_full(
+        ADMIN_TOKEN_KEY,
+        &routes(&up, ""),
+        &[("G2D_ADMIN_TOKEN", ADMIN_TOKEN)],
+        &[],
+    ));
 
     // Steady load on keep-alive and fresh connections while the configuration changes.
     let stop = Arc::new(AtomicBool::new(false));
@@ -112,17 +141,26 @@ fn reload_under_load_drops_nothing_and_refuses_bad_files() {
         gw.log()
     );
 
-    // 3. The admin endpoint reloads too, and reports why a file is refused.
-    let post = |gw: &Gateway| {
-        common::request(
+    // 3. The admin endpoint reloads too, for the admin token only, and reports why a file is
+    //    refused.
+    for auth in [
+        "",
+        "Authorization: Bearer wrong-token-0123456789\r\n",
+        "Authorization: Basic x\r\n",
+    ] {
+        let r = common::request(
             gw.admin,
-            b"POST /-/reload HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n",
-        )
-    };
+            format!("POST /-/reload HTTP/1.1\r\nHost: t\r\n{auth}Content-Length: 0\r\n\r\n")
+                .as_bytes(),
+        );
+        assert_eq!(r.status, 401, "{auth}");
+        assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+    }
+    let post = |gw: &Gateway| common::request(gw.admin, &reload_request());
     let r = post(&gw);
     assert_eq!(r.status, 422);
     assert!(
-        r.text().contains("gateway.toml") && r.text().contains("path_prefix"),
+        r.text().contains("gateway.toml") && r.text().contains("upstream"),
         "{}",
         r.text()
     );
@@ -254,7 +292,8 @@ fn prometheus_rules_pass_promtool() {
 fn full_scrape() -> String {
     let up = Upstream::start();
     let dead = common::closed_port();
-    let gw = Gateway::start_with(
+    let gw = Gateway::start_full(
+        ADMIN_TOKEN_KEY,
         &format!(
             r#"
 [jwt]
@@ -298,7 +337,10 @@ auth = "public"
 "#,
             up = up.addr
         ),
-        &[("G2D_OPS_SECRET", "ops-test-secret-0123456789abcdef")],
+        &[
+            ("G2D_OPS_SECRET", "ops-test-secret-0123456789abcdef"),
+            ("G2D_ADMIN_TOKEN", ADMIN_TOKEN),
+        ],
         &[],
     );
     gw.get("/u/ok");
@@ -312,10 +354,7 @@ auth = "public"
     );
     gw.send(login.as_bytes());
     gw.send(login.as_bytes()); // throttled
-    common::request(
-        gw.admin,
-        b"POST /-/reload HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n",
-    );
+    common::request(gw.admin, &reload_request());
     gw.metrics()
 }
 

@@ -194,9 +194,35 @@ pub fn query_token(query: Option<&str>) -> Result<Option<Cow<'_, str>>, Rejectio
     }
 }
 
-/// True when the query asks to act on another tenant (`tenant_id`, in any encoding).
+/// True when the query asks to act on another tenant: a parameter that some common framework
+/// reads as `tenant_id`. Parameters are split on `&` and `;` (older parsers split on both),
+/// names percent-decoded (`+` as space), compared without case (ASP.NET, Spring's relaxed
+/// binding), with anything from a `[` on dropped (`tenant_id[]`, PHP and Rails arrays) and
+/// `_`, `-`, `.` and spaces ignored (PHP turns `.` and spaces into `_`; camelCase binders
+/// read `tenantId`).
 pub fn asks_other_tenant(query: Option<&str>) -> bool {
-    query.is_some_and(|q| form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == "tenant_id"))
+    query.is_some_and(|q| q.split(['&', ';']).any(names_tenant_id))
+}
+
+/// True when one `name=value` pair's name reads as `tenant_id` (see [`asks_other_tenant`]).
+fn names_tenant_id(pair: &str) -> bool {
+    let name = pair.split('=').next().unwrap_or_default();
+    let decoded: Cow<'_, [u8]> = if name.contains(['%', '+']) {
+        let decoded = form_urlencoded::parse(name.as_bytes()).next();
+        Cow::Owned(
+            decoded
+                .map(|(k, _)| k.into_owned().into_bytes())
+                .unwrap_or_default(),
+        )
+    } else {
+        Cow::Borrowed(name.as_bytes())
+    };
+    let base = decoded.split(|&b| b == b'[').next().unwrap_or_default();
+    let mut letters = base
+        .iter()
+        .filter(|b| !matches!(b, b'_' | b'-' | b'.' | b' '))
+        .map(|b| b.to_ascii_lowercase());
+    b"tenantid".iter().all(|&want| letters.next() == Some(want)) && letters.next().is_none()
 }
 
 #[cfg(test)]
@@ -254,9 +280,37 @@ mod tests {
             query_token(Some("token=a&token=b")),
             Err(Rejection::Malformed)
         );
-        assert!(asks_other_tenant(Some("x=1&tenant_id=abc")));
-        assert!(asks_other_tenant(Some("tenant%5Fid=abc")));
-        assert!(!asks_other_tenant(Some("tenant=abc")));
+        for q in [
+            "x=1&tenant_id=abc",
+            "tenant%5Fid=abc",
+            "tenant%5fid=abc",
+            "Tenant_Id=abc",
+            "TENANT_ID=abc",
+            "tenant_id[]=abc",
+            "tenant_id[0]=abc",
+            "tenant_id%5B%5D=abc",
+            "tenantId=abc",
+            "TenantID=abc",
+            "tenant-id=abc",
+            "tenant.id=abc",
+            "tenant+id=abc",
+            "tenant%20id=abc",
+            "x=1;tenant_id=abc",
+            "tenant_id",
+            "%74enant_id=abc",
+        ] {
+            assert!(asks_other_tenant(Some(q)), "{q}");
+        }
+        for q in [
+            "tenant=abc",
+            "tenant_ids_count=1",
+            "x=tenant_id",
+            "id=1",
+            "",
+            "t=1",
+        ] {
+            assert!(!asks_other_tenant(Some(q)), "{q}");
+        }
         assert!(!asks_other_tenant(None));
     }
 

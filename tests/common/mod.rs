@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub mod go;
 pub mod redis;
+pub mod tls;
 pub mod upstream;
 
 /// A free port on 127.0.0.1 (bound then released; the gateway binds it right after).
