@@ -550,10 +550,31 @@ pub struct FileServer {
     /// Whether idle worker threads take tasks from busy ones (Pingora's `work_stealing`).
     #[serde(default = "default_work_stealing")]
     pub work_stealing: bool,
+    /// Longest time, in milliseconds, a request head may take to arrive (then 408).
+    #[serde(default = "default_client_header_timeout")]
+    pub client_header_timeout_ms: u64,
+    /// Most connections still sending their head, in all (then 503).
+    #[serde(default = "default_max_pending_heads")]
+    pub max_pending_heads: usize,
+    /// Most connections from one address still sending their head (then 429); trusted
+    /// proxies are exempt.
+    #[serde(default = "default_max_pending_heads_per_client")]
+    pub max_pending_heads_per_client: usize,
     /// Bearer secret (`env:NAME` / `file:PATH`) for admin actions (`POST /-/reload`); without
     /// it they are off on the admin listener.
     #[serde(default)]
     pub admin_token: Option<String>,
+}
+
+/// nginx's `client_header_timeout` is 60 s; an API's heads arrive in one packet.
+fn default_client_header_timeout() -> u64 {
+    10_000
+}
+fn default_max_pending_heads() -> usize {
+    1000
+}
+fn default_max_pending_heads_per_client() -> usize {
+    16
 }
 
 /// Pingora's own default.
@@ -593,6 +614,9 @@ impl Default for FileServer {
             keepalive_timeout_seconds: default_keepalive_timeout(),
             work_stealing: default_work_stealing(),
             admin_token: None,
+            client_header_timeout_ms: default_client_header_timeout(),
+            max_pending_heads: default_max_pending_heads(),
+            max_pending_heads_per_client: default_max_pending_heads_per_client(),
         }
     }
 }
@@ -870,6 +894,12 @@ pub struct Server {
     pub work_stealing: bool,
     /// Bearer secret for admin actions; `None` turns them off.
     pub admin_token: Option<Secret>,
+    /// Longest time a request head may take to arrive.
+    pub client_header_timeout: Duration,
+    /// Most connections still sending their head, in all.
+    pub max_pending_heads: usize,
+    /// Most connections from one address still sending their head.
+    pub max_pending_heads_per_client: usize,
 }
 
 /// A secret from the environment or a file; never printed.
@@ -1102,6 +1132,25 @@ impl Validator<'_> {
                 }
             },
             work_stealing: s.work_stealing,
+            client_header_timeout: self
+                .millis("server.client_header_timeout_ms", s.client_header_timeout_ms)?,
+            max_pending_heads: match s.max_pending_heads {
+                1..=1_000_000 => s.max_pending_heads,
+                _ => {
+                    return Err(
+                        self.err("server.max_pending_heads", "must be between 1 and 1000000")
+                    )
+                }
+            },
+            max_pending_heads_per_client: match s.max_pending_heads_per_client {
+                1..=1_000_000 => s.max_pending_heads_per_client,
+                _ => {
+                    return Err(self.err(
+                        "server.max_pending_heads_per_client",
+                        "must be between 1 and 1000000",
+                    ))
+                }
+            },
             admin_token: match &s.admin_token {
                 None => None,
                 Some(source) => {

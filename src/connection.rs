@@ -7,12 +7,19 @@
 //! the first bytes of the next request with no session and no buffer (the read goes to the
 //! stack), then hands those bytes to Pingora as the start of the request. HTTP/2 connections
 //! are left to Pingora as they are (their streams are separate tasks already).
+//!
+//! The task also collects the whole head before Pingora sees it and has [`head::check`] judge
+//! it, so a head Pingora would refuse with its own bare answer gets the envelope instead, and a
+//! head that trickles in has one deadline for all of it (`client_header_timeout_ms`), not one
+//! per read. Connections still sending their head are bounded per client address and in all.
 
+use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::mem::MaybeUninit;
+use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -21,16 +28,43 @@ use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream, Ser
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::{Stream, ALPN};
 use pingora::server::ShutdownWatch;
-use tokio::io::{AsyncRead, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::sync::{futures::Notified, Notify};
 use tokio::time::{sleep, Instant, Sleep};
+
+use crate::head::{self, Head, Refusal};
 
 /// How much of a new request one read takes; Pingora's own first head read is as large.
 const FIRST_READ: usize = 4096;
 
+/// How heads are judged, from the configuration in force.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadRules {
+    /// Size and field-count limits.
+    pub limits: head::Limits,
+    /// Longest time from a request's first byte (a connection's accept, for its first
+    /// request) to the end of its head.
+    pub timeout: Duration,
+    /// Most connections still sending a head that did not come in one read, in all.
+    pub max_pending: usize,
+    /// The same, per client address (the socket peer).
+    pub max_pending_per_client: usize,
+}
+
+/// What the connection task asks of the gateway about heads.
+pub trait Heads: Send + Sync {
+    /// The rules in force now for a connection from `peer` (a trusted proxy may be exempt
+    /// from the per-client bound).
+    fn rules(&self, peer: Option<IpAddr>) -> HeadRules;
+    /// Counts a refused head; `line` is its method and target when they could be read.
+    fn refused(&self, refusal: Refusal, line: Option<(&str, &str)>);
+}
+
 /// A [`ServerApp`] that serves HTTP/1 connections of `app` with a small idle footprint.
 pub struct Connections<A> {
     app: Arc<A>,
+    heads: Arc<dyn Heads>,
+    pending: Pending,
     keepalive: Duration,
     /// Set when the server shuts down (see `cleanup`): connections between requests close.
     closing: AtomicBool,
@@ -42,10 +76,13 @@ impl<A> Connections<A>
 where
     A: HttpServerApp + Send + Sync + 'static,
 {
-    /// Serves `app`, closing a connection idle for `keepalive` between requests.
-    pub fn new(app: A, keepalive: Duration) -> Self {
+    /// Serves `app`, judging heads by `heads` and closing a connection idle for `keepalive`
+    /// between requests.
+    pub fn new(app: A, heads: Arc<dyn Heads>, keepalive: Duration) -> Self {
         Connections {
             app: Arc::new(app),
+            heads,
+            pending: Pending::default(),
             keepalive,
             closing: AtomicBool::new(false),
             closed: Notify::new(),
@@ -70,18 +107,50 @@ where
         // connected is about to send its request, and would see it fail (it is served, with
         // keep-alive off; a silent one is left to the keep-alive timeout and the grace period).
         let mut served = false;
+        let peer = peer_ip(&stream);
+        let accepted = Instant::now();
         loop {
             if served && self.closing.load(Ordering::Acquire) {
                 return;
             }
+            let rules = self.heads.rules(peer);
+            // A new connection's first request must arrive whole within the head timeout;
+            // later ones may wait the keep-alive timeout for their first byte.
+            let deadline = if served {
+                Instant::now() + self.keepalive
+            } else {
+                (accepted + rules.timeout).min(accepted + self.keepalive)
+            };
             let wait = Wait {
-                deadline: Instant::now() + self.keepalive,
+                deadline,
                 timer: timer.as_mut(),
                 closed: closed.as_mut(),
                 close_on_shutdown: served,
             };
             let Some(first) = next_request(&mut stream, wait).await else {
                 return; // closed, idle too long, or shutting down: dropping the stream closes it
+            };
+            let head_deadline = if served {
+                Instant::now() + rules.timeout
+            } else {
+                accepted + rules.timeout
+            };
+            let first = match head::check(&first, rules.limits) {
+                Head::Complete(_) => first,
+                // Rare: a head that did not come in one read, or one to refuse. Boxed, so that
+                // the idle connection's task keeps no room for it.
+                verdict => {
+                    let collect = self.rest_of_head(&mut stream, first, verdict, peer, rules);
+                    let collected = Box::pin(tokio::time::timeout_at(head_deadline, collect)).await;
+                    match collected {
+                        Ok(Ok(head)) => head,
+                        Ok(Err(Collected::Refused(refusal, head))) => {
+                            return self.refuse(stream, refusal, &head).await
+                        }
+                        Ok(Err(Collected::Gone)) => return,
+                        Err(_) => return self.refuse(stream, Refusal::Timeout, &[]).await,
+                    }
+                }
             };
             let serving = self.serve_one(stream, settings.take(), first, &shutdown);
             let Some(reused) = serving.await else {
@@ -90,6 +159,56 @@ where
             (stream, settings) = reused.consume();
             served = true;
         }
+    }
+
+    /// Reads the rest of a head whose first bytes `head` got `verdict`, under the bounds on
+    /// connections still sending one.
+    async fn rest_of_head(
+        &self,
+        stream: &mut Stream,
+        mut head: BytesMut,
+        mut verdict: Head,
+        peer: Option<IpAddr>,
+        rules: HeadRules,
+    ) -> Result<BytesMut, Collected> {
+        let mut _slot = None;
+        loop {
+            match verdict {
+                Head::Complete(_) => return Ok(head),
+                Head::Refused(refusal) => return Err(Collected::Refused(refusal, head)),
+                Head::Incomplete => {}
+            }
+            if _slot.is_none() {
+                match self.pending.enter(peer, &rules) {
+                    Ok(slot) => _slot = Some(slot),
+                    Err(refusal) => return Err(Collected::Refused(refusal, head)),
+                }
+            }
+            head.reserve(FIRST_READ);
+            let before = head.len();
+            match stream.read_buf(&mut head).await {
+                Ok(0) | Err(_) => return Err(Collected::Gone),
+                Ok(_) => {}
+            }
+            // Judged again only when a line ended (or the size ran over): a head that
+            // trickles in a byte at a time is not parsed once per byte.
+            let line_ended = memchr::memchr(b'\n', &head[before..]).is_some();
+            verdict = if line_ended || head.len() > rules.limits.max_bytes {
+                head::check(&head, rules.limits)
+            } else {
+                Head::Incomplete
+            };
+        }
+    }
+
+    /// Answers a refused head with its envelope and closes the connection.
+    async fn refuse(&self, mut stream: Stream, refusal: Refusal, head: &[u8]) {
+        self.heads.refused(refusal, request_line(head));
+        let answer = refusal_answer(refusal);
+        // The client may be gone already; nothing else to do then.
+        let _ = stream.write_all(&answer).await;
+        let _ = stream.flush().await;
+        let _ = stream.shutdown().await;
     }
 
     /// Starts Pingora on one request whose first bytes are `first`. Not `async`: the session
@@ -119,9 +238,116 @@ where
     }
 }
 
+/// Why a head was not collected.
+enum Collected {
+    /// Refuse it; what arrived so far (for the request line).
+    Refused(Refusal, BytesMut),
+    /// The client closed or the connection broke: nothing to answer.
+    Gone,
+}
+
+/// The socket peer's address.
+fn peer_ip(stream: &Stream) -> Option<IpAddr> {
+    let digest = stream.get_socket_digest()?;
+    let addr = digest.peer_addr()?.as_inet()?;
+    Some(crate::client_ip::canonical(addr.ip()))
+}
+
+/// The method and target of a head's request line, when it has a readable one.
+fn request_line(head: &[u8]) -> Option<(&str, &str)> {
+    let line = head.split(|&b| b == b'\n').next()?;
+    let line = std::str::from_utf8(line).ok()?.trim_end_matches('\r');
+    let mut parts = line.split(' ');
+    let (method, target) = (parts.next()?, parts.next()?);
+    let token = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic());
+    (token(method) && token(target)).then_some((method, target))
+}
+
+/// The whole HTTP/1.1 answer to a refused head: the envelope, a fresh request id, and
+/// `Connection: close` (the rest of what the client sent is not read).
+fn refusal_answer(refusal: Refusal) -> Vec<u8> {
+    let status = refusal.status();
+    let body = crate::envelope::body(refusal.message());
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Error");
+    let mut id = [0u8; uuid::fmt::Simple::LENGTH];
+    let id = uuid::Uuid::new_v4().simple().encode_lower(&mut id);
+    let retry = if matches!(refusal, Refusal::Busy | Refusal::BusyClient) {
+        "Retry-After: 1\r\n"
+    } else {
+        ""
+    };
+    let mut out = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\n\
+         X-Request-Id: {id}\r\nX-Content-Type-Options: nosniff\r\n{retry}\
+         Connection: close\r\n\r\n",
+        crate::envelope::CONTENT_TYPE,
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Connections still sending a head that did not come in one read, in all and per client.
+#[derive(Default)]
+struct Pending {
+    total: AtomicUsize,
+    per_client: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One connection's place among the pending ones, given back on drop.
+struct Slot<'a> {
+    pending: &'a Pending,
+    client: Option<IpAddr>,
+}
+
+impl Pending {
+    fn enter(&self, client: Option<IpAddr>, rules: &HeadRules) -> Result<Slot<'_>, Refusal> {
+        if self.total.fetch_add(1, Ordering::AcqRel) >= rules.max_pending {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refusal::Busy);
+        }
+        // From here on the slot gives the total back on drop.
+        let mut slot = Slot {
+            pending: self,
+            client: None,
+        };
+        if let (Some(ip), Ok(mut map)) = (client, self.per_client.lock()) {
+            let count = map.entry(ip).or_insert(0);
+            if *count >= rules.max_pending_per_client {
+                return Err(Refusal::BusyClient);
+            }
+            *count += 1;
+            slot.client = Some(ip);
+        }
+        Ok(slot)
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.pending.total.fetch_sub(1, Ordering::AcqRel);
+        if let (Some(ip), Ok(mut map)) = (self.client, self.pending.per_client.lock()) {
+            if let Some(count) = map.get_mut(&ip) {
+                *count -= 1;
+                if *count == 0 {
+                    map.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
 /// The first bytes of the next request; `None` when the client closed, stayed idle past the
 /// keep-alive timeout, or the server is shutting down (idle connections go first).
 async fn next_request(stream: &mut Stream, mut wait: Wait<'_, '_>) -> Option<BytesMut> {
+    // The timer runs for the keep-alive deadline; a new connection's head deadline is earlier.
+    if wait.timer.deadline() > wait.deadline {
+        wait.timer.as_mut().reset(wait.deadline);
+    }
     loop {
         tokio::select! {
             biased;
@@ -202,6 +428,23 @@ mod tests {
 
     struct Nothing;
 
+    struct Rules;
+
+    impl Heads for Rules {
+        fn rules(&self, _: Option<IpAddr>) -> HeadRules {
+            HeadRules {
+                limits: head::Limits {
+                    max_bytes: 1024,
+                    max_headers: 8,
+                },
+                timeout: Duration::from_secs(1),
+                max_pending: 2,
+                max_pending_per_client: 1,
+            }
+        }
+        fn refused(&self, _: Refusal, _: Option<(&str, &str)>) {}
+    }
+
     #[async_trait]
     impl HttpServerApp for Nothing {
         async fn process_new_http(
@@ -219,9 +462,58 @@ mod tests {
         let (_tx, rx) = tokio::sync::watch::channel(false);
         let (stream, _client) = tokio::io::duplex(64);
         let stream: Stream = Box::new(stream);
-        let app = Arc::new(Connections::new(Nothing, Duration::from_secs(1)));
+        let app = Arc::new(Connections::new(
+            Nothing,
+            Arc::new(Rules),
+            Duration::from_secs(1),
+        ));
         let task = app.serve_h1(stream, rx);
         let size = std::mem::size_of_val(&task);
         assert!(size <= 1024, "connection task state is {size} bytes");
+    }
+
+    #[test]
+    fn pending_heads_are_bounded_per_client_and_in_all() {
+        let pending = Pending::default();
+        let rules = Rules.rules(None);
+        let (a, b, c): (IpAddr, IpAddr, IpAddr) = (
+            "192.0.2.1".parse().unwrap(),
+            "192.0.2.2".parse().unwrap(),
+            "192.0.2.3".parse().unwrap(),
+        );
+        let first = pending.enter(Some(a), &rules).unwrap();
+        assert_eq!(
+            pending.enter(Some(a), &rules).err(),
+            Some(Refusal::BusyClient)
+        );
+        let second = pending.enter(Some(b), &rules).unwrap();
+        assert_eq!(pending.enter(Some(c), &rules).err(), Some(Refusal::Busy));
+        drop(first);
+        let third = pending.enter(Some(a), &rules).unwrap();
+        drop((second, third));
+        assert_eq!(pending.total.load(Ordering::SeqCst), 0);
+        assert!(pending.per_client.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn refused_heads_get_a_whole_envelope_answer() {
+        let answer = String::from_utf8(refusal_answer(Refusal::TooManyHeaders)).unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+            "{answer}"
+        );
+        assert!(answer.contains("Connection: close\r\n"));
+        assert!(!answer.to_ascii_lowercase().contains("server:"));
+        let body = r#"{"status":"error","message":"request header fields too large"}"#;
+        assert!(
+            answer.ends_with(&format!("Content-Length: {}\r\n\r\n{body}", body.len()))
+                || answer.contains(&format!("Content-Length: {}\r\n", body.len()))
+        );
+        assert!(answer.ends_with(body));
+        assert_eq!(
+            request_line(b"GET /a?b HTTP/1.1\r\n"),
+            Some(("GET", "/a?b"))
+        );
+        assert_eq!(request_line(b"\x01 /a"), None);
     }
 }

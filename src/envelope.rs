@@ -47,12 +47,32 @@ pub fn default_message(status: u16) -> &'static str {
         502 => "upstream unavailable",
         503 => "service unavailable",
         504 => "upstream timeout",
-        505 => "http version not supported",
-        507 => "insufficient storage",
-        508 => "loop detected",
-        511 => "network authentication required",
-        _ if (400..500).contains(&status) => "request failed",
-        _ => "internal server error",
+        _ => reason_phrase(status),
+    }
+}
+
+/// The registered reason phrase of `status` in lowercase (`http`'s table: "payment required",
+/// "not extended"); "request failed" or "internal server error" for unregistered codes.
+fn reason_phrase(status: u16) -> &'static str {
+    static PHRASES: std::sync::OnceLock<Vec<Option<String>>> = std::sync::OnceLock::new();
+    let phrases = PHRASES.get_or_init(|| {
+        (400..600)
+            .map(|code| {
+                http::StatusCode::from_u16(code)
+                    .ok()
+                    .and_then(|s| s.canonical_reason())
+                    .map(str::to_lowercase)
+            })
+            .collect()
+    });
+    let registered = status
+        .checked_sub(400)
+        .and_then(|i| phrases.get(usize::from(i)))
+        .and_then(Option::as_deref);
+    match registered {
+        Some(phrase) => phrase,
+        None if (400..500).contains(&status) => "request failed",
+        None => "internal server error",
     }
 }
 

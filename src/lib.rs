@@ -13,6 +13,7 @@ pub mod connection;
 pub mod demo;
 pub mod envelope;
 pub mod forward;
+pub mod head;
 pub mod limits;
 pub mod metrics;
 pub mod path;
@@ -147,6 +148,7 @@ pub fn build_server(
         }
     };
     let gateway = proxy::Gateway::new(state.clone(), metrics.clone(), store);
+    let heads = Arc::new(proxy::HeadJudge::new(state.clone(), metrics.clone()));
     let listen = config.server.listen.to_string();
     let keepalive = config.server.keepalive_timeout;
     let tls = config.tls.clone();
@@ -169,10 +171,12 @@ pub fn build_server(
         reload::OnSignal::new(reloader.clone()),
     ));
 
-    let app = connection::Connections::new(
-        pingora::proxy::http_proxy(&server.configuration, gateway),
-        keepalive,
-    );
+    let mut http = pingora::proxy::http_proxy(&server.configuration, gateway);
+    // HTTP/2 connections idle as long as HTTP/1 ones (no streams open for that long).
+    let mut options = pingora::apps::HttpServerOptions::default();
+    options.h2_idle_timeout = Some(keepalive);
+    http.server_options = Some(options);
+    let app = connection::Connections::new(http, heads, keepalive);
     let mut proxy = Service::new("get2dial-gateway".to_string(), app);
     // Plain HTTP/1 reads go straight into Pingora's own request buffers; an L4 read buffer
     // (64 KiB by default) would only add a copy and most of an idle connection's memory.

@@ -33,6 +33,12 @@ pub struct Metrics {
     pub store_degraded: prometheus::IntGauge,
     /// `gateway_config_reloads_total{result}`: reloads by result (success, failure).
     pub config_reloads: IntCounterVec,
+    /// Request heads refused before routing, by reason.
+    pub heads_refused: IntCounterVec,
+    /// Upgraded connections (WebSocket) by route, counted when they end.
+    pub upgraded: IntCounterVec,
+    /// How long upgraded connections lasted, by route.
+    pub upgraded_duration: HistogramVec,
 }
 
 impl Metrics {
@@ -49,7 +55,9 @@ impl Metrics {
         let duration = HistogramVec::new(
             HistogramOpts::new(
                 "gateway_http_request_duration_seconds",
-                "Time from the request head to the end of the response, by route.",
+                "Time from the end of the request (its head, or its body's last byte) to the \
+                 answer's head: what the gateway and the upstream took, not the client's \
+                 upload or download; upgraded connections are not in it. By route.",
             )
             .buckets(vec![
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -111,6 +119,39 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        let heads_refused = IntCounterVec::new(
+            Opts::new(
+                "gateway_request_heads_refused_total",
+                "HTTP/1 request heads refused before routing: too_large, too_many_headers, \
+                 malformed, connect, timeout, busy_client, busy.",
+            ),
+            &["reason"],
+        )?;
+        let upgraded = IntCounterVec::new(
+            Opts::new(
+                "gateway_upgraded_connections_total",
+                "Upgraded (WebSocket) connections by route, counted when they end.",
+            ),
+            &["route"],
+        )?;
+        let upgraded_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "gateway_upgraded_duration_seconds",
+                "How long upgraded (WebSocket) connections lasted, by route; kept apart from \
+                 the request latency histogram.",
+            )
+            .buckets(vec![
+                1.0,
+                10.0,
+                60.0,
+                300.0,
+                900.0,
+                3600.0,
+                4.0 * 3600.0,
+                12.0 * 3600.0,
+            ]),
+            &["route"],
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "gateway_build_info",
@@ -133,6 +174,9 @@ impl Metrics {
         registry.register(Box::new(store_fallbacks.clone()))?;
         registry.register(Box::new(store_degraded.clone()))?;
         registry.register(Box::new(config_reloads.clone()))?;
+        registry.register(Box::new(heads_refused.clone()))?;
+        registry.register(Box::new(upgraded.clone()))?;
+        registry.register(Box::new(upgraded_duration.clone()))?;
         registry.register(Box::new(build_info))?;
         Ok(Metrics {
             registry,
@@ -147,6 +191,9 @@ impl Metrics {
             store_fallbacks,
             store_degraded,
             config_reloads,
+            heads_refused,
+            upgraded,
+            upgraded_duration,
         })
     }
 
@@ -246,15 +293,24 @@ impl std::fmt::Debug for Handles {
 }
 
 impl Metrics {
+    /// Counts an upgraded connection that ended after `seconds`.
+    pub fn upgraded(&self, route: &str, seconds: f64) {
+        self.upgraded.with_label_values(&[route]).inc();
+        self.upgraded_duration
+            .with_label_values(&[route])
+            .observe(seconds);
+    }
+
     /// Counts one answer (by exact status) and its duration under `route`, through the
     /// route's `handles` when it has them (requests answered before routing have none).
+    /// `seconds` is `None` for answers that have no latency to record (an upgrade).
     pub fn answered(
         &self,
         handles: Option<&Handles>,
         route: &str,
         method: &http::Method,
         status: u16,
-        seconds: f64,
+        seconds: Option<f64>,
     ) {
         let m = method_slot(method);
         match (handles, status_slot(status)) {
@@ -269,6 +325,9 @@ impl Metrics {
                 .with_label_values(&[route, METHODS[m], &status_label(status)])
                 .inc(),
         }
+        let Some(seconds) = seconds else {
+            return;
+        };
         match handles {
             Some(h) => h
                 .duration
@@ -288,17 +347,17 @@ mod tests {
     fn answers_are_counted_by_route_method_and_exact_status() {
         let m = Metrics::new().unwrap();
         let h = Handles::default();
-        m.answered(Some(&h), "api", &http::Method::GET, 200, 0.002);
-        m.answered(Some(&h), "api", &http::Method::GET, 200, 0.002);
-        m.answered(None, "api", &http::Method::GET, 200, 0.002);
+        m.answered(Some(&h), "api", &http::Method::GET, 200, Some(0.002));
+        m.answered(Some(&h), "api", &http::Method::GET, 200, Some(0.002));
+        m.answered(None, "api", &http::Method::GET, 200, Some(0.002));
         m.answered(
             Some(&h),
             "api",
             &http::Method::from_bytes(b"PURGE").unwrap(),
             418,
-            0.3,
+            Some(0.3),
         );
-        m.answered(None, "unmatched", &http::Method::POST, 404, 0.001);
+        m.answered(None, "unmatched", &http::Method::POST, 404, Some(0.001));
         let text = String::from_utf8(m.render()).unwrap();
         for line in [
             r#"gateway_http_requests_total{method="GET",route="api",status="200"} 3"#,

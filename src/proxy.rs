@@ -51,6 +51,73 @@ impl Gateway {
     }
 }
 
+/// Judges HTTP/1 heads for [`crate::connection::Connections`] by the configuration in force,
+/// and counts the refused ones like every other answer.
+pub struct HeadJudge {
+    state: Arc<ArcSwap<State>>,
+    metrics: Arc<Metrics>,
+}
+
+impl HeadJudge {
+    /// A judge reading `state` and counting into `metrics`.
+    pub fn new(state: Arc<ArcSwap<State>>, metrics: Arc<Metrics>) -> Self {
+        HeadJudge { state, metrics }
+    }
+}
+
+impl crate::connection::Heads for HeadJudge {
+    fn rules(&self, peer: Option<std::net::IpAddr>) -> crate::connection::HeadRules {
+        let state = self.state.load();
+        let (max_pending, per_client) = state.max_pending_heads;
+        // Behind a load balancer every connection has its address: bound it in all only.
+        let trusted = peer.is_some_and(|ip| state.trusted_proxies.trusts(ip));
+        crate::connection::HeadRules {
+            limits: crate::head::Limits {
+                max_bytes: state.max_header_bytes,
+                max_headers: state.max_headers,
+            },
+            timeout: state.client_header_timeout,
+            max_pending,
+            max_pending_per_client: if trusted { usize::MAX } else { per_client },
+        }
+    }
+
+    fn refused(&self, refusal: crate::head::Refusal, line: Option<(&str, &str)>) {
+        let state = self.state.load();
+        let method = line
+            .and_then(|(m, _)| http::Method::from_bytes(m.as_bytes()).ok())
+            .unwrap_or(http::Method::GET);
+        // Counted under the route the path matches, as every other answer is.
+        let path = line.and_then(|(_, target)| {
+            let path = target.split('?').next().unwrap_or_default();
+            path::normalise(path).ok().map(Cow::into_owned)
+        });
+        let route = path
+            .as_deref()
+            .and_then(|p| match state.routes.find(&method, p) {
+                Match::Found(r) | Match::MethodNotAllowed(r, _) => Some(r.clone()),
+                Match::NotFound => None,
+            });
+        let label = route.as_ref().map_or(UNMATCHED, |r| r.name.as_str());
+        self.metrics.answered(
+            route.as_ref().map(|r| &r.metrics),
+            label,
+            &method,
+            refusal.status(),
+            Some(0.0),
+        );
+        self.metrics
+            .heads_refused
+            .with_label_values(&[refusal.label()])
+            .inc();
+        tracing::debug!(
+            reason = refusal.label(),
+            route = label,
+            "request head refused"
+        );
+    }
+}
+
 /// What one request carries from phase to phase.
 pub struct Ctx {
     /// The configuration this request runs under, from start to end.
@@ -67,6 +134,10 @@ pub struct Ctx {
     tries: usize,
     /// Request body bytes seen so far.
     body_bytes: u64,
+    /// When the request was whole (its body's last byte arrived), if it had a body.
+    request_done: Option<Instant>,
+    /// When the upstream's answer head went to the client.
+    answered_at: Option<Instant>,
     /// The verified caller, on token routes.
     identity: Option<Arc<Identity>>,
     /// The client (the socket peer, or from a trusted proxy's X-Forwarded-For).
@@ -115,6 +186,8 @@ impl ProxyHttp for Gateway {
             empty_error: None,
             tries: 0,
             body_bytes: 0,
+            request_done: None,
+            answered_at: None,
             identity: None,
             client: Client::Unknown(Box::default()),
             from_trusted_proxy: false,
@@ -170,20 +243,7 @@ impl ProxyHttp for Gateway {
             return self.redirect_to_tls(session, ctx, port).await;
         }
 
-        // 3. Head size, before anything reads it further.
-        let req = session.req_header();
-        let head_bytes = req.uri.path_and_query().map_or(0, |p| p.as_str().len())
-            + req
-                .headers
-                .iter()
-                .map(|(k, v)| k.as_str().len() + v.len() + 4)
-                .sum::<usize>();
-        if head_bytes > state.max_header_bytes || req.headers.len() > state.max_headers {
-            session.set_keepalive(None);
-            return self.reject(session, ctx, 431, None, &[]).await;
-        }
-
-        // 4. Route, on the path as the upstream will route on it; that path is also what
+        // 3. Route, on the path as the upstream will route on it; that path is also what
         //    goes upstream.
         let req = session.req_header();
         let path = match path::normalise(req.uri.path()) {
@@ -195,6 +255,24 @@ impl ProxyHttp for Gateway {
             }
         };
         let found = state.routes.find(&req.method, &path);
+        if let Match::Found(route) | Match::MethodNotAllowed(route, _) = &found {
+            // Every answer from here on is counted under the route the path matched.
+            ctx.route = Some(Arc::clone(route));
+        }
+
+        // 4. Head size, before anything reads it further (HTTP/1 heads were checked whole
+        //    on arrival; this is HTTP/2's check, and the one a reload changes at once).
+        let head_bytes = req.uri.path_and_query().map_or(0, |p| p.as_str().len())
+            + req
+                .headers
+                .iter()
+                .map(|(k, v)| k.as_str().len() + v.len() + 4)
+                .sum::<usize>();
+        if head_bytes > state.max_header_bytes || req.headers.len() > state.max_headers {
+            session.set_keepalive(None);
+            return self.reject(session, ctx, 431, None, &[]).await;
+        }
+
         if let Cow::Owned(normalised) = &path {
             let uri = with_path(&req.uri, normalised);
             match uri {
@@ -209,9 +287,7 @@ impl ProxyHttp for Gateway {
         let route = match found {
             Match::Found(route) => route.clone(),
             Match::NotFound => return self.reject(session, ctx, 404, None, &[]).await,
-            Match::MethodNotAllowed(route, allow) => {
-                // Labelled with the route whose path matched; no upstream is involved.
-                ctx.route = Some(route.clone());
+            Match::MethodNotAllowed(_, allow) => {
                 let allow = HeaderValue::from_str(&allow).unwrap_or(HeaderValue::from_static(""));
                 return self
                     .reject(session, ctx, 405, None, &[(header::ALLOW, allow)])
@@ -371,9 +447,12 @@ impl ProxyHttp for Gateway {
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        if end_of_stream && ctx.request_done.is_none() {
+            ctx.request_done = Some(Instant::now());
+        }
         if let (Some(chunk), Some(route)) = (body.as_ref(), ctx.route.as_ref()) {
             ctx.body_bytes += chunk.len() as u64;
             if ctx.body_bytes > route.max_body_bytes {
@@ -568,6 +647,7 @@ impl ProxyHttp for Gateway {
         let mut rebuilt = ResponseHeader::from(parts);
         rebuilt.set_reason_phrase(upstream_response.get_reason_phrase())?;
         *upstream_response = rebuilt;
+        ctx.answered_at = Some(Instant::now());
         Ok(())
     }
 
@@ -625,9 +705,21 @@ impl ProxyHttp for Gateway {
         let route = ctx.route.as_ref().map_or(ctx.label, |r| r.name.as_str());
         let handles = ctx.route.as_ref().map(|r| &r.metrics);
         let method = &session.req_header().method;
-        let seconds = ctx.start.elapsed().as_secs_f64();
-        self.metrics
-            .answered(handles, route, method, status, seconds);
+        // Latency from the whole request to the answer's head (see the metric's help); an
+        // upgraded connection's length is counted apart.
+        let now = Instant::now();
+        let latency = ctx
+            .answered_at
+            .unwrap_or(now)
+            .saturating_duration_since(ctx.request_done.unwrap_or(ctx.start));
+        if status == 101 {
+            self.metrics
+                .upgraded(route, ctx.start.elapsed().as_secs_f64());
+            self.metrics.answered(handles, route, method, status, None);
+        } else {
+            self.metrics
+                .answered(handles, route, method, status, Some(latency.as_secs_f64()));
+        }
         // A guess whose upstream never answered (timeout, reset, client gone) is given back.
         if let Some(guess) = ctx.login.take() {
             self.settle_login(guess, ctx).await;
@@ -1029,6 +1121,8 @@ fn status_for(e: &Error) -> u16 {
         | ConnectProxyFailure | TLSHandshakeFailure | TLSHandshakeTimedout | InvalidCert
         | HandshakeError | TLSWantX509Lookup => 502,
         InvalidHTTPHeader | H1Error | H2Error | InvalidH2 | H2Downgrade if downstream => 400,
+        // A request body that breaks its own chunked framing (Pingora's body reader).
+        Custom("InvalidChunk" | "InvalidTrailerEnd") if !upstream => 400,
         _ if upstream => 502,
         ReadError | WriteError | ConnectionClosed | WriteTimedout if downstream => 0,
         _ => 500,

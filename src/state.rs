@@ -42,6 +42,10 @@ pub struct State {
     pub max_header_bytes: usize,
     /// Most request headers answered normally (431 above).
     pub max_headers: usize,
+    /// Longest time a request head may take to arrive.
+    pub client_header_timeout: Duration,
+    /// Most connections still sending their head, in all and per client.
+    pub max_pending_heads: (usize, usize),
     /// Cross-origin settings.
     pub cors: Option<Cors>,
     /// Edge security headers.
@@ -92,6 +96,11 @@ impl State {
             access_log: config.log.access_log,
             max_header_bytes: config.server.max_header_bytes,
             max_headers: config.server.max_headers,
+            client_header_timeout: config.server.client_header_timeout,
+            max_pending_heads: (
+                config.server.max_pending_heads,
+                config.server.max_pending_heads_per_client,
+            ),
             cors: config.cors.clone(),
             security: config.security.clone(),
             redirect_to_tls_port: config

@@ -325,6 +325,11 @@ impl Conn {
         self.reader.get_mut().write_all(raw).expect("write");
     }
 
+    /// Writes one byte, reporting failure (the server may have closed).
+    pub fn try_send_byte(&mut self, b: u8) -> std::io::Result<()> {
+        self.reader.get_mut().write_all(&[b])
+    }
+
     /// Sends `raw` and reads one response.
     pub fn send(&mut self, raw: &[u8]) -> Response {
         self.write(raw);

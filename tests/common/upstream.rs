@@ -242,6 +242,11 @@ fn respond(req: &Req, w: &mut TcpStream) -> bool {
             .write_all(b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\n\r\n")
             .is_ok(),
         "/api/v1/auth/login" => login(req, w),
+        // Any status with a plain-text body: `/status/418`.
+        p if p.starts_with("/status/") => {
+            let code = p.trim_start_matches("/status/");
+            simple(w, &format!("{code} Whatever"), &[("Content-Type", "text/plain")], b"upstream says no\n")
+        }
         p if p == "/echo" || p.starts_with("/api/") => {
             let mut body = req.head.clone().into_bytes();
             body.extend_from_slice(&req.body);
