@@ -9,7 +9,7 @@ scripts/setup.sh
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 seconds="${FUZZ_SECONDS:-600}"
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(jwt login_body normalise routes config)
+[ ${#targets[@]} -gt 0 ] || targets=(jwt login_body normalise routes config head)
 # cargo-fuzz passes -Z flags; the machine's stable toolchain accepts them with RUSTC_BOOTSTRAP.
 export RUSTC_BOOTSTRAP=1
 for t in "${targets[@]}"; do

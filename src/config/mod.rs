@@ -1,0 +1,346 @@
+//! Configuration: the validated model the runtime uses, loaded from the TOML file format.
+//!
+//! [`file`] mirrors `config/gateway.toml` and rejects unknown keys, so a typo is an error rather
+//! than a silently ignored setting. [`Config::load`] has [`validate`] turn it into [`Config`],
+//! where every address is parsed, every route points at a real upstream and every limit is in
+//! range; the runtime never re-checks a raw string. (River splits its file format from its
+//! internal model the same way.)
+
+mod file;
+#[cfg(test)]
+mod tests;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, Method};
+use ipnet::IpNet;
+
+pub use file::{FileLog, LogFormat, PlainMode};
+
+use crate::auth::jwt;
+use crate::auth::node_key::NodeKeys;
+use crate::auth::{Mode, Role};
+use crate::limits::ratelimit::Policy;
+use crate::store::Limit;
+/// Largest login body the guard reads: Pingora's retry buffer (64 KiB) replays it upstream.
+pub const LOGIN_BODY_CAP: u64 = 65_536;
+
+/// A configuration problem, naming the file and the key that is wrong.
+#[derive(Debug)]
+pub struct ConfigError {
+    /// The file the problem was found in.
+    pub file: PathBuf,
+    /// Dotted path of the offending key (`routes[2].upstream`), empty when the whole file is at fault.
+    pub key: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file.display(), self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.file.display(), self.key, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The validated configuration the runtime uses.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// Listener and process settings.
+    pub server: Server,
+    /// Upstreams, in file order.
+    pub upstreams: Vec<Upstream>,
+    /// Routes, in file order; each `upstream` is an index into `upstreams`.
+    pub routes: Vec<Route>,
+    /// User token settings, when any route needs them.
+    pub jwt: Option<jwt::Settings>,
+    /// Header names for the verified identity.
+    pub identity_headers: IdentityHeaders,
+    /// Lockout parameters shared by every login route.
+    pub lockout: Lockout,
+    /// Settings shared by every rate limit.
+    pub limits: Limits,
+    /// Where shared counters live: `None` in memory, `Some` in Redis.
+    pub redis: Option<crate::store::redis::Settings>,
+    /// Log settings.
+    pub log: FileLog,
+    /// The TLS listener, if any.
+    pub tls: Option<Tls>,
+    /// Cross-origin settings, if any.
+    pub cors: Option<Cors>,
+    /// Edge security headers.
+    pub security: Security,
+}
+
+/// Validated `[tls]`.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    /// Listener address.
+    pub listen: SocketAddr,
+    /// The certificates (loaded; an SNI resolver).
+    pub certificates: Arc<crate::tls::Certificates>,
+    /// Offer HTTP/2.
+    pub http2: bool,
+    /// What the plain listener does.
+    pub plain: PlainMode,
+}
+
+/// Validated `[cors]`.
+#[derive(Debug, Clone)]
+pub struct Cors {
+    /// Allowed origins, exactly as browsers send them.
+    pub origins: Vec<String>,
+    /// `Access-Control-Allow-Methods`.
+    pub methods: http::HeaderValue,
+    /// `Access-Control-Allow-Headers`.
+    pub headers: http::HeaderValue,
+    /// `Access-Control-Expose-Headers`.
+    pub expose: http::HeaderValue,
+    /// `Access-Control-Max-Age`.
+    pub max_age: http::HeaderValue,
+    /// `Access-Control-Allow-Credentials: true`.
+    pub credentials: bool,
+}
+
+/// Validated `[security]`.
+#[derive(Debug, Clone)]
+pub struct Security {
+    /// HSTS value for TLS answers.
+    pub hsts: Option<http::HeaderValue>,
+    /// nosniff on envelopes.
+    pub nosniff: bool,
+    /// Upstream headers removed.
+    pub remove_response_headers: Vec<HeaderName>,
+}
+
+/// Validated `[lockout]`.
+#[derive(Debug, Clone)]
+pub struct Lockout {
+    /// Failed logins that lock an account.
+    pub max_failures: u32,
+    /// Lock period.
+    pub lock: Duration,
+    /// Most accounts tracked at once.
+    pub max_entries: usize,
+    /// Failed logins one email may have across every tenant domain.
+    pub max_failures_per_email: u32,
+    /// Upstream statuses that use a guess up.
+    pub failure_statuses: Vec<u16>,
+}
+
+/// Validated `[limits]`.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Send rate-limit headers on allowed responses too.
+    pub headers_on_success: bool,
+    /// Sweep interval for idle keys.
+    pub sweep_interval: Duration,
+    /// Prefix lengths (IPv4, IPv6) of the networks that share an `ip` bucket.
+    pub ip_prefixes: (u8, u8),
+}
+
+/// Validated `[identity_headers]`.
+#[derive(Debug, Clone)]
+pub struct IdentityHeaders {
+    /// Carries `tid`.
+    pub tenant: HeaderName,
+    /// Carries `sub`.
+    pub user: HeaderName,
+    /// Carries `role`.
+    pub role: HeaderName,
+    /// Carries `email`.
+    pub email: HeaderName,
+}
+
+impl IdentityHeaders {
+    /// All four names.
+    pub fn all(&self) -> [&HeaderName; 4] {
+        [&self.tenant, &self.user, &self.role, &self.email]
+    }
+}
+
+/// Validated `[server]`.
+#[derive(Debug, Clone)]
+pub struct Server {
+    /// Public listener.
+    pub listen: SocketAddr,
+    /// Admin listener.
+    pub admin_listen: SocketAddr,
+    /// Worker threads.
+    pub threads: usize,
+    /// Graceful shutdown period.
+    pub shutdown_grace: Duration,
+    /// Longest pause between two reads of a client's request body.
+    pub client_body_timeout: Duration,
+    /// How often watched files are checked for changes.
+    pub watch_interval: Duration,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Graceful-upgrade socket.
+    pub upgrade_sock: PathBuf,
+    /// Largest request head answered normally.
+    pub max_header_bytes: usize,
+    /// Most request headers answered normally.
+    pub max_headers: usize,
+    /// Longest idle time of a client connection between requests.
+    pub keepalive_timeout: Duration,
+    /// Whether worker threads steal tasks from each other.
+    pub work_stealing: bool,
+    /// Bearer secret for admin actions; `None` turns them off.
+    pub admin_token: Option<Secret>,
+    /// Longest time a request head may take to arrive.
+    pub client_header_timeout: Duration,
+    /// Most connections still sending their head, in all.
+    pub max_pending_heads: usize,
+    /// Most connections from one address still sending their head.
+    pub max_pending_heads_per_client: usize,
+}
+
+/// A secret from the environment or a file; never printed.
+#[derive(Clone)]
+pub struct Secret(pub Vec<u8>);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+/// Validated `[[upstreams]]` entry.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// Name from the file.
+    pub name: String,
+    /// Server addresses.
+    pub servers: Vec<SocketAddr>,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Read timeout.
+    pub read_timeout: Duration,
+    /// Write timeout.
+    pub write_timeout: Duration,
+    /// Idle keep-alive timeout.
+    pub idle_timeout: Duration,
+    /// Health check interval, if any.
+    pub health_check_interval: Option<Duration>,
+    /// TLS to the servers, when configured.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// Validated upstream TLS.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    /// SNI and the name verified.
+    pub sni: String,
+    /// DER CA certificates; `None` uses the system roots.
+    pub ca: Option<Vec<Vec<u8>>>,
+    /// Verify certificate and host name.
+    pub verify: bool,
+}
+
+/// Validated `[[routes]]` entry.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Name from the file.
+    pub name: String,
+    /// Path prefix, or the exact path when `exact`.
+    pub path_prefix: String,
+    /// Matches `path_prefix` exactly, not as a prefix.
+    pub exact: bool,
+    /// Allowed methods; empty allows all. GET implies HEAD.
+    pub methods: Vec<Method>,
+    /// Index into [`Config::upstreams`].
+    pub upstream: usize,
+    /// Largest request body accepted.
+    pub max_body_bytes: u64,
+    /// How callers authenticate.
+    pub auth: Mode,
+    /// Lowest role allowed.
+    pub min_role: Option<Role>,
+    /// Source networks allowed; empty allows all.
+    pub allow_networks: Vec<IpNet>,
+    /// Known node keys, for `node_key` routes that configure a digest file.
+    pub node_keys: Option<Arc<NodeKeys>>,
+    /// Rate-limit policies, all of which must allow a request.
+    pub rate_limits: Vec<Policy>,
+    /// Whether the login guard runs on this route.
+    pub login_guard: bool,
+    /// Whether WebSocket upgrades are forwarded.
+    pub websocket: bool,
+}
+
+impl Route {
+    /// A public route to the first upstream with the default body cap and no limits: what
+    /// tests, benches and fuzz targets build route tables from.
+    pub fn public(name: &str, path_prefix: &str, methods: &[Method]) -> Route {
+        Route {
+            name: name.into(),
+            path_prefix: path_prefix.into(),
+            exact: false,
+            methods: methods.to_vec(),
+            upstream: 0,
+            max_body_bytes: file::default_max_body(),
+            auth: Mode::Public,
+            min_role: None,
+            allow_networks: Vec::new(),
+            node_keys: None,
+            rate_limits: Vec::new(),
+            login_guard: false,
+            websocket: false,
+        }
+    }
+}
+
+impl std::fmt::Debug for NodeKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "NodeKeys({}, {} keys)",
+            self.path().display(),
+            self.len()
+        )
+    }
+}
+
+impl Config {
+    /// Every rate-limit policy of every route, for the store to give them ids.
+    pub fn limits_mut(&mut self) -> Vec<&mut Limit> {
+        self.routes
+            .iter_mut()
+            .flat_map(|r| r.rate_limits.iter_mut().map(|p| &mut p.limit))
+            .collect()
+    }
+
+    /// Reads, parses and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            key: String::new(),
+            message: format!("cannot read the file: {e}"),
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates `text`, reporting errors against `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let file: file::FileConfig = toml::from_str(text).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            key: String::new(),
+            // toml's message names the key, the line and the column.
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        validate::Validator { path }.validate(file)
+    }
+}

@@ -1,0 +1,239 @@
+//! The validator against files that are right and files that are wrong.
+
+use super::*;
+
+const MINIMAL: &str = r#"
+    [[upstreams]]
+    name = "control"
+    servers = ["127.0.0.1:8081"]
+
+    [[routes]]
+    name = "api"
+    path_prefix = "/api/v1/"
+    upstream = "control"
+    auth = "public"
+"#;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, Path::new("gw.toml"))
+}
+
+#[test]
+fn minimal_file_gets_defaults() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.server.listen, "0.0.0.0:8080".parse().unwrap());
+    assert_eq!(c.upstreams[0].connect_timeout, Duration::from_secs(1));
+    assert_eq!(c.routes[0].max_body_bytes, 1_048_576);
+    assert!(c.routes[0].methods.is_empty());
+}
+
+#[test]
+fn unknown_key_is_named_with_file() {
+    let e = parse(&format!("{MINIMAL}\n[server]\nlisten_addr = \"x\"\n")).unwrap_err();
+    let text = e.to_string();
+    assert!(text.starts_with("gw.toml: "), "{text}");
+    assert!(text.contains("listen_addr"), "{text}");
+}
+
+#[test]
+fn bad_upstream_reference_names_the_key() {
+    let e = parse(&MINIMAL.replace("upstream = \"control\"", "upstream = \"nope\"")).unwrap_err();
+    assert_eq!(e.key, "routes[0].upstream");
+    assert!(e.message.contains("nope"));
+}
+
+#[test]
+fn bad_server_address_names_the_key() {
+    let e = parse(&MINIMAL.replace("127.0.0.1:8081", "localhost")).unwrap_err();
+    assert_eq!(e.key, "upstreams[0].servers[0]");
+}
+
+#[test]
+fn get_implies_head_and_methods_are_checked() {
+    let c = parse(&MINIMAL.replace(
+        "upstream = \"control\"",
+        "upstream = \"control\"\nmethods = [\"get\"]",
+    ))
+    .unwrap();
+    assert_eq!(c.routes[0].methods, vec![Method::GET, Method::HEAD]);
+    let e = parse(&MINIMAL.replace(
+        "upstream = \"control\"",
+        "upstream = \"control\"\nmethods = [\"GE T\"]",
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "routes[0].methods[0]");
+}
+
+#[test]
+fn jwt_routes_need_a_jwt_section_with_real_secrets() {
+    let jwt_route = MINIMAL.replace("auth = \"public\"", "auth = \"jwt\"");
+    let e = parse(&jwt_route).unwrap_err();
+    assert_eq!(e.key, "jwt");
+    let e = parse(&format!(
+        "{jwt_route}\n[jwt]\nsecrets = [\"hunter2hunter2hunter2\"]\n"
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "jwt.secrets[0]");
+    let e = parse(&format!(
+        "{jwt_route}\n[jwt]\nsecrets = [\"env:G2D_TEST_UNSET_VAR\"]\n"
+    ))
+    .unwrap_err();
+    assert!(e.message.contains("G2D_TEST_UNSET_VAR"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("short"), "too-short\n").unwrap();
+    std::fs::write(dir.path().join("good"), "0123456789abcdef\n").unwrap();
+    let cfg = |f: &str| format!("{jwt_route}\n[jwt]\nsecrets = [\"file:{f}\"]\n");
+    let e = Config::parse(&cfg("short"), &dir.path().join("gw.toml")).unwrap_err();
+    assert!(e.message.contains("9 bytes"), "{e}");
+    let c = Config::parse(&cfg("good"), &dir.path().join("gw.toml")).unwrap();
+    assert_eq!(c.jwt.unwrap().secrets, vec![b"0123456789abcdef".to_vec()]);
+}
+
+#[test]
+fn auth_options_must_fit_the_mode() {
+    let e = parse(&MINIMAL.replace(
+        "auth = \"public\"",
+        "auth = \"public\"\nmin_role = \"admin\"",
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "routes[0].min_role");
+    let e = parse(&MINIMAL.replace("auth = \"public\"", "auth = \"open\"")).unwrap_err();
+    assert!(e.message.contains("open"), "{e}");
+    let e = parse(&MINIMAL.replace(
+        "auth = \"public\"",
+        "auth = \"public\"\nallow_networks = [\"10.0.0.0/33\"]",
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "routes[0].allow_networks[0]");
+    let c = parse(&MINIMAL.replace(
+        "auth = \"public\"",
+        "auth = \"public\"\nallow_networks = [\"127.0.0.1\"]",
+    ))
+    .unwrap();
+    assert_eq!(c.routes[0].allow_networks[0].to_string(), "127.0.0.1/32");
+    let e = parse(&MINIMAL.replace("auth = \"public\"", "")).unwrap_err();
+    assert!(e.message.contains("auth"), "{e}");
+}
+
+#[test]
+fn rate_limits_are_checked() {
+    let with = |extra: &str| {
+        parse(&MINIMAL.replace("auth = \"public\"", &format!("auth = \"public\"\n{extra}")))
+    };
+    let c = with("rate_limit = { key = \"ip\", per_minute = 1, burst = 5 }").unwrap();
+    let p = &c.routes[0].rate_limits[0];
+    assert_eq!(
+        (p.limit.name.as_str(), p.limit.burst, p.limit.interval),
+        ("api-ip", 5, Duration::from_secs(60))
+    );
+    let e = with("rate_limit = { key = \"user\", per_second = 5 }").unwrap_err();
+    assert_eq!(e.key, "routes[0].rate_limit.key");
+    let e = with("rate_limits = [{ key = \"ip\", per_second = 5, per_minute = 5 }]").unwrap_err();
+    assert_eq!(e.key, "routes[0].rate_limits[0]");
+    let e =
+        with("rate_limits = [{ key = \"ip\", per_second = 5 }, { key = \"ip\", per_minute = 5 }]")
+            .unwrap_err();
+    assert_eq!(e.key, "routes[0].rate_limits[1].name");
+    let e = with("methods = [\"POST\"]\nlogin_guard = true\nmax_body_bytes = 100000").unwrap_err();
+    assert_eq!(e.key, "routes[0].max_body_bytes");
+}
+
+#[test]
+fn a_policy_name_is_one_policy_on_every_route() {
+    let two = |a: &str, b: &str| {
+        let route = |name: &str, prefix: &str, policy: &str| {
+            format!(
+                "[[routes]]\nname = \"{name}\"\npath_prefix = \"{prefix}\"\n\
+                 upstream = \"control\"\nauth = \"public\"\nrate_limit = {policy}\n"
+            )
+        };
+        let text = MINIMAL.split("[[routes]]").next().unwrap().to_string()
+            + &route("a", "/a", a)
+            + &route("b", "/b", b);
+        parse(&text)
+    };
+    let p = "{ name = \"shared\", key = \"ip\", per_second = 5 }";
+    assert!(two(p, p).is_ok());
+    for other in [
+        "{ name = \"shared\", key = \"ip\", per_second = 6 }",
+        "{ name = \"shared\", key = \"ip\", per_second = 5, burst = 9 }",
+        "{ name = \"shared\", key = \"ip\", per_minute = 300 }",
+    ] {
+        let e = two(p, other).unwrap_err();
+        assert_eq!(e.key, "routes[1].rate_limit.name", "{other}");
+        assert!(e.message.contains("route `a`"), "{e}");
+    }
+}
+
+#[test]
+fn login_routes_allow_post_only() {
+    let with = |extra: &str| {
+        parse(&MINIMAL.replace("auth = \"public\"", &format!("auth = \"public\"\n{extra}")))
+    };
+    assert!(with("methods = [\"POST\"]\nlogin_guard = true\nmax_body_bytes = 1000").is_ok());
+    for methods in ["", "methods = [\"POST\", \"PUT\"]", "methods = [\"GET\"]"] {
+        let e = with(&format!("{methods}\nlogin_guard = true")).unwrap_err();
+        assert_eq!(e.key, "routes[0].methods", "{methods}");
+    }
+}
+
+#[test]
+fn websocket_is_on_for_query_token_routes_only_by_default() {
+    let c = parse(MINIMAL).unwrap();
+    assert!(!c.routes[0].websocket);
+    let c = parse(&MINIMAL.replace("auth = \"public\"", "auth = \"public\"\nwebsocket = true"))
+        .unwrap();
+    assert!(c.routes[0].websocket);
+}
+
+#[test]
+fn lockout_and_ip_key_settings_are_checked() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.lockout.max_failures_per_email, 30);
+    assert_eq!(c.lockout.failure_statuses, [401]);
+    assert_eq!(c.limits.ip_prefixes, (32, 64));
+    for (extra, key) in [
+        (
+            "[lockout]\nmax_failures_per_email = 5",
+            "lockout.max_failures_per_email",
+        ),
+        (
+            "[lockout]\nfailure_statuses = []",
+            "lockout.failure_statuses",
+        ),
+        (
+            "[lockout]\nfailure_statuses = [500]",
+            "lockout.failure_statuses",
+        ),
+        (
+            "[lockout]\nfailure_statuses = [429]",
+            "lockout.failure_statuses",
+        ),
+        ("[limits]\nipv6_prefix = 0", "limits.ipv6_prefix"),
+        ("[limits]\nipv4_prefix = 33", "limits.ipv4_prefix"),
+    ] {
+        let e = parse(&format!("{MINIMAL}\n{extra}")).unwrap_err();
+        assert_eq!(e.key, key, "{extra}");
+    }
+    let c = parse(&format!(
+        "{MINIMAL}\n[lockout]\nfailure_statuses = [400, 401, 403]\nmax_failures_per_email = 10"
+    ))
+    .unwrap();
+    assert_eq!(c.lockout.failure_statuses, [400, 401, 403]);
+    assert_eq!(c.lockout.max_failures_per_email, 10);
+}
+
+#[test]
+fn unsafe_prefix_is_refused() {
+    for bad in [
+        "/api/../v1/",
+        "/api/v1%2f",
+        "/api/%61",
+        "/api:v1/",
+        "/api v1/",
+        "/api//v1/",
+    ] {
+        let e = parse(&MINIMAL.replace("/api/v1/", bad)).unwrap_err();
+        assert_eq!(e.key, "routes[0].path_prefix", "{bad}");
+    }
+}

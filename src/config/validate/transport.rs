@@ -1,0 +1,238 @@
+//! What the gateway connects to and listens with: `[[upstreams]]`, `[tls]`, `[cors]`,
+//! `[security]` and `[store]`.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{HeaderName, Method};
+
+use super::Validator;
+use crate::config::file::{FileCors, FileSecurity, FileStore, FileTls, FileUpstream};
+use crate::config::{ConfigError, Cors, Security, Tls, Upstream, UpstreamTls};
+
+impl Validator<'_> {
+    /// `[[upstreams]]`.
+    pub(super) fn upstreams(&self, files: &[FileUpstream]) -> Result<Vec<Upstream>, ConfigError> {
+        if files.is_empty() {
+            return Err(self.err("upstreams", "at least one [[upstreams]] entry is required"));
+        }
+        let mut upstreams = Vec::with_capacity(files.len());
+        let mut seen = HashSet::new();
+        for (i, u) in files.iter().enumerate() {
+            let key = |k: &str| format!("upstreams[{i}].{k}");
+            self.name(&key("name"), &u.name)?;
+            if !seen.insert(u.name.as_str()) {
+                return Err(self.err(key("name"), format!("duplicate upstream `{}`", u.name)));
+            }
+            if u.servers.is_empty() {
+                return Err(self.err(key("servers"), "at least one server is required"));
+            }
+            let servers = u
+                .servers
+                .iter()
+                .enumerate()
+                .map(|(j, s)| self.addr(&format!("upstreams[{i}].servers[{j}]"), s))
+                .collect::<Result<Vec<_>, _>>()?;
+            upstreams.push(Upstream {
+                name: u.name.clone(),
+                servers,
+                connect_timeout: self.millis(&key("connect_timeout_ms"), u.connect_timeout_ms)?,
+                read_timeout: self.millis(&key("read_timeout_ms"), u.read_timeout_ms)?,
+                write_timeout: self.millis(&key("write_timeout_ms"), u.write_timeout_ms)?,
+                idle_timeout: self.millis(&key("idle_timeout_ms"), u.idle_timeout_ms)?,
+                health_check_interval: u
+                    .health_check_interval_ms
+                    .map(|ms| self.millis(&key("health_check_interval_ms"), ms))
+                    .transpose()?,
+                tls: self.upstream_tls(i, u)?,
+            });
+        }
+
+        Ok(upstreams)
+    }
+
+    fn upstream_tls(&self, i: usize, u: &FileUpstream) -> Result<Option<UpstreamTls>, ConfigError> {
+        let key = |k: &str| format!("upstreams[{i}].{k}");
+        if !u.tls {
+            for (set, k) in [(u.sni.is_some(), "sni"), (u.ca_file.is_some(), "ca_file")] {
+                if set {
+                    return Err(self.err(key(k), "needs tls = true"));
+                }
+            }
+            return Ok(None);
+        }
+        let sni = u.sni.clone().unwrap_or_default();
+        if u.verify_certificate && sni.is_empty() {
+            return Err(self.err(key("sni"), "required to verify the servers' certificates"));
+        }
+        let ca = match &u.ca_file {
+            None => None,
+            Some(f) => Some(
+                crate::tls::load_ca_bundle(&self.relative(f))
+                    .map_err(|e| self.err(key("ca_file"), e))?,
+            ),
+        };
+        Ok(Some(UpstreamTls {
+            sni,
+            ca,
+            verify: u.verify_certificate,
+        }))
+    }
+
+    pub(super) fn tls(
+        &self,
+        t: &FileTls,
+        listen: SocketAddr,
+        admin: SocketAddr,
+    ) -> Result<Tls, ConfigError> {
+        let addr = self.addr("tls.listen", &t.listen)?;
+        if addr == listen || addr == admin {
+            return Err(self.err(
+                "tls.listen",
+                "must differ from server.listen and server.admin_listen",
+            ));
+        }
+        if t.certificates.is_empty() {
+            return Err(self.err("tls.certificates", "at least one certificate is required"));
+        }
+        let sources: Vec<crate::tls::CertSource> = t
+            .certificates
+            .iter()
+            .map(|c| crate::tls::CertSource {
+                cert_file: self.relative(&c.cert_file),
+                key_file: self.relative(&c.key_file),
+                server_names: c.server_names.clone(),
+            })
+            .collect();
+        let certificates =
+            crate::tls::Certificates::load(sources).map_err(|e| self.err("tls.certificates", e))?;
+        Ok(Tls {
+            listen: addr,
+            certificates: Arc::new(certificates),
+            http2: t.http2,
+            plain: t.plain,
+        })
+    }
+
+    pub(super) fn cors(&self, c: &FileCors) -> Result<Cors, ConfigError> {
+        for (i, o) in c.allowed_origins.iter().enumerate() {
+            let ok = (o.starts_with("https://") || o.starts_with("http://"))
+                && !o.ends_with('/')
+                && http::HeaderValue::from_str(o).is_ok()
+                && o != "*";
+            if !ok {
+                return Err(self.err(
+                    format!("cors.allowed_origins[{i}]"),
+                    format!("`{o}` must be an origin such as https://app.get2dial.com (scheme, host, optional port; no path, no `*`)"),
+                ));
+            }
+        }
+        let list = |key: &str, items: &[String], check: fn(&str) -> bool| {
+            for (i, m) in items.iter().enumerate() {
+                if !check(m) {
+                    return Err(self.err(
+                        format!("cors.{key}[{i}]"),
+                        format!("`{m}` is not valid here"),
+                    ));
+                }
+            }
+            http::HeaderValue::from_str(&items.join(", "))
+                .map_err(|_| self.err(format!("cors.{key}"), "not a valid header value"))
+        };
+        let token = |s: &str| !s.is_empty() && HeaderName::from_bytes(s.as_bytes()).is_ok();
+        Ok(Cors {
+            origins: c.allowed_origins.clone(),
+            methods: list("allowed_methods", &c.allowed_methods, |m| {
+                Method::from_bytes(m.as_bytes()).is_ok() && !m.is_empty()
+            })?,
+            headers: list("allowed_headers", &c.allowed_headers, token)?,
+            expose: list("expose_headers", &c.expose_headers, token)?,
+            max_age: http::HeaderValue::from(c.max_age_seconds),
+            credentials: c.allow_credentials,
+        })
+    }
+
+    pub(super) fn security(&self, s: &FileSecurity) -> Result<Security, ConfigError> {
+        let hsts = if s.hsts.is_empty() {
+            None
+        } else {
+            Some(
+                http::HeaderValue::from_str(&s.hsts)
+                    .map_err(|_| self.err("security.hsts", "not a valid header value"))?,
+            )
+        };
+        let remove_response_headers = s
+            .remove_response_headers
+            .iter()
+            .enumerate()
+            .map(|(i, h)| self.header_name(&format!("security.remove_response_headers[{i}]"), h))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Security {
+            hsts,
+            nosniff: s.nosniff,
+            remove_response_headers,
+        })
+    }
+
+    pub(super) fn redis(
+        &self,
+        st: &FileStore,
+    ) -> Result<crate::store::redis::Settings, ConfigError> {
+        let Some(source) = &st.redis_url else {
+            return Err(self.err("store.redis_url", "required when kind = \"redis\""));
+        };
+        let url = if source.starts_with("env:") || source.starts_with("file:") {
+            String::from_utf8(self.secret("store.redis_url", source)?)
+                .map_err(|_| self.err("store.redis_url", "the URL is not UTF-8"))?
+                .trim()
+                .to_string()
+        } else {
+            let authority = source.split("://").nth(1).unwrap_or_default();
+            if authority
+                .split('/')
+                .next()
+                .unwrap_or_default()
+                .contains('@')
+            {
+                return Err(self.err(
+                    "store.redis_url",
+                    "a URL with credentials is a secret: give it as `env:NAME` or `file:PATH`",
+                ));
+            }
+            source.clone()
+        };
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            return Err(self.err("store.redis_url", "must be a redis:// or rediss:// URL"));
+        }
+        if redis::Client::open(url.as_str()).is_err() {
+            return Err(self.err("store.redis_url", "is not a valid Redis URL"));
+        }
+        let ca_pem = match &st.ca_file {
+            None => None,
+            Some(f) => {
+                let path = self.relative(f);
+                Some(std::fs::read(&path).map_err(|e| {
+                    self.err(
+                        "store.ca_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?)
+            }
+        };
+        if !(1..=64).contains(&st.pool_size) {
+            return Err(self.err("store.pool_size", "must be between 1 and 64"));
+        }
+        if st.key_prefix.is_empty() || st.key_prefix.contains(char::is_whitespace) {
+            return Err(self.err("store.key_prefix", "must be non-empty, without spaces"));
+        }
+        Ok(crate::store::redis::Settings {
+            url,
+            ca_pem,
+            key_prefix: st.key_prefix.clone(),
+            pool_size: st.pool_size,
+            connect_timeout: self.millis("store.connect_timeout_ms", st.connect_timeout_ms)?,
+            timeout: self.millis("store.timeout_ms", st.timeout_ms)?,
+        })
+    }
+}
