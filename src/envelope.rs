@@ -2,9 +2,7 @@
 //! bytes of an envelope, and turning an upstream's error body into one.
 
 use bytes::Bytes;
-use http::header::{self, HeaderName, HeaderValue};
-use pingora::http::ResponseHeader;
-use pingora::proxy::Session;
+use http::header::HeaderName;
 use serde::Deserialize;
 
 /// Content type of every envelope.
@@ -153,36 +151,6 @@ pub fn normalise(status: u16, body_bytes: &[u8]) -> Bytes {
 pub const REQUEST_ID: &str = "x-request-id";
 /// [`REQUEST_ID`] as a parsed header name.
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static(REQUEST_ID);
-
-/// Writes a gateway-made error to the client: status, envelope body, `Content-Type`,
-/// `Content-Length`, the request id and any `extra` headers (`Allow`, `Retry-After`, ...).
-/// A HEAD request gets the same headers and no body.
-pub async fn respond(
-    session: &mut Session,
-    status: u16,
-    message: &str,
-    request_id: &HeaderValue,
-    extra: &[(HeaderName, HeaderValue)],
-) -> pingora::Result<()> {
-    let body = body(message);
-    let mut resp = ResponseHeader::build(status, Some(4 + extra.len()))?;
-    resp.insert_header(header::CONTENT_TYPE, CONTENT_TYPE)?;
-    resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
-    if !request_id.is_empty() {
-        resp.insert_header(REQUEST_ID, request_id.clone())?;
-    }
-    for (name, value) in extra {
-        resp.append_header(name.clone(), value.clone())?;
-    }
-    let head_only = session.req_header().method == http::Method::HEAD;
-    session
-        .write_response_header(Box::new(resp), head_only)
-        .await?;
-    if !head_only {
-        session.write_response_body(Some(body), true).await?;
-    }
-    Ok(())
-}
 
 #[cfg(test)]
 mod tests {

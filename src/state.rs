@@ -10,9 +10,9 @@ use std::time::Duration;
 use crate::auth::jwt::Verifier;
 use crate::client_ip::TrustedProxies;
 use crate::config::{Config, Cors, IdentityHeaders, PlainMode, Security};
-use crate::forward::Scrub;
 use crate::limits::lockout::Guard;
 use crate::routes::{Route, RouteTable};
+use crate::scrub::Scrub;
 use crate::store::LockoutPolicy;
 use crate::upstreams::Pool;
 

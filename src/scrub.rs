@@ -1,22 +1,5 @@
-//! Which client headers the upstream may see: what the gateway vouches for comes only from
-//! the gateway.
-//!
-//! Upstream frameworks believe some request headers without asking who set them: the identity
-//! headers, `X-Forwarded-Host` (password-reset links), `X-Real-IP` and friends (real-IP
-//! middlewares), `X-Original-URL` (routing, in IIS and Symfony) and the method-override
-//! headers (Express, Rails, Laravel). And CGI/WSGI-style servers read `X_Tenant_Id` as
-//! `X-Tenant-Id`, because both become `HTTP_X_TENANT_ID`. So the gateway drops:
-//!
-//! - always: the identity headers, `X-Original-URL`, `X-Rewrite-URL` and the method overrides;
-//! - from a peer that is not a trusted proxy: `Forwarded`, `X-Forwarded-Host`,
-//!   `X-Forwarded-Port`, `X-Forwarded-Prefix` and the real-IP family (`X-Real-IP`,
-//!   `True-Client-IP`, `X-Client-IP`, `CF-Connecting-IP`, `Fastly-Client-IP`,
-//!   `X-Cluster-Client-IP`);
-//! - always: any header with an `_` that reads as one of those, or as a header the gateway
-//!   sets itself (`X-Request-Id`, `X-Forwarded-For`, `X-Forwarded-Proto`), once `_` is `-`.
-//!
-//! Then the proxy sets `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Real-IP` (the client it
-//! determined) and, unless a trusted proxy sent one, `X-Forwarded-Host` (the request's host).
+//! Which client headers never reach the upstream, because the gateway vouches for what they
+//! say (see [`crate::proxy`]'s `forward` for the whole story of a forwarded head).
 
 use http::header::{self, HeaderName};
 
