@@ -22,6 +22,12 @@ connect_timeout_ms = 500
 read_timeout_ms = 700
 write_timeout_ms = 1000
 
+# The same server for tunnels, which stay quiet for longer than a request may.
+[[upstreams]]
+name = "tunnels"
+servers = ["{up}"]
+read_timeout_ms = 10000
+
 [[upstreams]]
 name = "dead"
 servers = ["127.0.0.1:{dead}"]
@@ -43,7 +49,7 @@ max_body_bytes = 1024
 [[routes]]
 name = "tunnel"
 path = "/u/ws"
-upstream = "app"
+upstream = "tunnels"
 auth = "public"
 websocket = true
 
