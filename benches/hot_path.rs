@@ -3,9 +3,8 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use get2dial_gateway::config::Route;
 use get2dial_gateway::envelope;
-use get2dial_gateway::routes::RouteTable;
+use get2dial_gateway::routes::{Route, RouteTable};
 use http::Method;
 
 fn route(name: &str, prefix: &str, methods: &[Method]) -> Route {
@@ -14,28 +13,25 @@ fn route(name: &str, prefix: &str, methods: &[Method]) -> Route {
 
 /// A route table shaped like the Get2Dial API's.
 fn table() -> RouteTable {
-    RouteTable::new(
-        &[
-            route("login", "/api/v1/auth/login", &[Method::POST]),
-            route("me", "/api/v1/auth/me", &[Method::GET]),
-            route("node-register", "/api/v1/nodes/register", &[Method::POST]),
-            route("node-heartbeat", "/api/v1/nodes/heartbeat", &[Method::POST]),
-            route("nodes", "/api/v1/nodes/", &[]),
-            route("edge-health", "/api/v1/edge/health", &[Method::GET]),
-            route(
-                "desired-state",
-                "/api/v1/edge/desired-state",
-                &[Method::GET],
-            ),
-            route("recordings", "/api/v1/recordings/", &[Method::GET]),
-            route("api", "/api/v1/", &[]),
-            route("ws-supervisor", "/ws/supervisor", &[Method::GET]),
-            route("ws-agent", "/ws/agent", &[Method::GET]),
-            route("healthz", "/healthz", &[Method::GET]),
-            route("readyz", "/readyz", &[Method::GET]),
-        ],
-        |_| unreachable!("no login routes"),
-    )
+    RouteTable::new(vec![
+        route("login", "/api/v1/auth/login", &[Method::POST]),
+        route("me", "/api/v1/auth/me", &[Method::GET]),
+        route("node-register", "/api/v1/nodes/register", &[Method::POST]),
+        route("node-heartbeat", "/api/v1/nodes/heartbeat", &[Method::POST]),
+        route("nodes", "/api/v1/nodes/", &[]),
+        route("edge-health", "/api/v1/edge/health", &[Method::GET]),
+        route(
+            "desired-state",
+            "/api/v1/edge/desired-state",
+            &[Method::GET],
+        ),
+        route("recordings", "/api/v1/recordings/", &[Method::GET]),
+        route("api", "/api/v1/", &[]),
+        route("ws-supervisor", "/ws/supervisor", &[Method::GET]),
+        route("ws-agent", "/ws/agent", &[Method::GET]),
+        route("healthz", "/healthz", &[Method::GET]),
+        route("readyz", "/readyz", &[Method::GET]),
+    ])
 }
 
 fn routes(c: &mut Criterion) {
@@ -133,7 +129,8 @@ fn limits(c: &mut Criterion) {
         interval: Duration::from_millis(20),
         burst: 100,
     };
-    let store = MemoryStore::new(&mut [&mut limit]);
+    let store = MemoryStore::new();
+    store.register(&mut [&mut limit]);
     let keys: Vec<String> = (0..10_000).map(|i| format!("user-{i:05}")).collect();
     let mut g = c.benchmark_group("limits");
     let mut i = 0usize;

@@ -67,7 +67,8 @@ fn stores(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("a tokio runtime");
-    let memory = MemoryStore::new(&mut [&mut limit]);
+    let memory = MemoryStore::new();
+    memory.register(&mut [&mut limit]);
     let mut g = c.benchmark_group("store");
     g.bench_function("memory_rate_check", |b| {
         b.iter(|| memory.rate_check_now(&limit, "user-1"))

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod background;
 pub mod client_ip;
 pub mod config;
 pub mod connection;
@@ -29,6 +30,7 @@ pub mod tls;
 pub mod upstreams;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use pingora::listeners::tls::TlsSettings;
@@ -96,34 +98,45 @@ pub fn build_server(
 
     let metrics = Arc::new(metrics::Metrics::new()?);
 
-    let mut config = config;
-    let memory = Arc::new(store::memory::MemoryStore::new(&mut config.limits_mut()));
+    let memory = Arc::new(store::memory::MemoryStore::new());
+    let swept = memory.clone();
     server.add_service(background_service(
         "limit sweeper",
-        store::memory::Sweeper::new(memory.clone(), config.limits.sweep_interval),
+        background::every(config.limits.sweep_interval, move || {
+            swept.sweep();
+            std::future::ready(())
+        }),
     ));
-    let state = state::State::new(&config).map_err(|e| BuildError::Upstream {
+    let state = state::State::new(&config, &memory).map_err(|e| BuildError::Upstream {
         file: config.path.display().to_string(),
         source: e,
     })?;
     let state = Arc::new(ArcSwap::from_pointee(state));
+    // Both read whatever configuration is current, so a reload's pools and files are covered.
+    let checked = state.clone();
     server.add_service(background_service(
         "upstream health checks",
-        upstreams::HealthChecks::new(state.clone()),
+        background::every(Duration::from_millis(50), move || {
+            let pools = checked.load().pools.clone();
+            async move {
+                let now = std::time::Instant::now();
+                for pool in pools {
+                    pool.check_if_due(now).await;
+                }
+            }
+        }),
     ));
     let watched = state.clone();
-    let files: auth::node_key::Files = Box::new(move || {
-        let state = watched.load();
-        state
-            .routes
-            .routes()
-            .iter()
-            .filter_map(|r| r.node_keys.clone())
-            .collect()
-    });
     server.add_service(background_service(
         "node key watcher",
-        auth::node_key::Watcher::new(files, config.server.watch_interval),
+        background::every(config.server.watch_interval, move || {
+            for route in watched.load().routes.routes() {
+                if let Some(keys) = &route.node_keys {
+                    keys.reload_if_changed();
+                }
+            }
+            std::future::ready(())
+        }),
     ));
 
     let health = Arc::new(store::shared::StoreHealth::default());
@@ -140,9 +153,20 @@ pub fn build_server(
                 metrics.clone(),
                 settings.timeout,
             ));
+            // Connects at start, then probes while Redis is down.
+            let probed = shared.clone();
+            let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
             server.add_service(background_service(
                 "redis probe",
-                store::shared::Prober::new(shared.clone()),
+                background::every(store::shared::PROBE_INTERVAL, move || {
+                    let (store, started) = (probed.clone(), started.clone());
+                    async move {
+                        let first = !started.swap(true, std::sync::atomic::Ordering::Relaxed);
+                        if first || store.degraded() {
+                            store.probe().await;
+                        }
+                    }
+                }),
             ));
             shared
         }
@@ -190,9 +214,13 @@ pub fn build_server(
         }
         // Over TLS the L4 read buffer saves syscalls (records are read in small pieces): kept.
         proxy.add_listener(ListenerConfig::tcp(tls.listen.to_string()).tls(settings));
+        let certificates = tls.certificates.clone();
         server.add_service(background_service(
             "certificate watcher",
-            crate::tls::Watcher::new(tls.certificates.clone(), watch_interval),
+            background::every(watch_interval, move || {
+                certificates.reload_if_changed();
+                std::future::ready(())
+            }),
         ));
     }
     server.add_service(proxy);

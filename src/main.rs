@@ -189,8 +189,8 @@ fn describe(c: &Config) -> String {
         if let Some(role) = r.min_role {
             extras.push(format!("min_role={}", role.as_str()));
         }
-        if !r.allow_networks.is_empty() {
-            let n: Vec<String> = r.allow_networks.iter().map(|n| n.to_string()).collect();
+        if let Some(gate) = &r.gate {
+            let n: Vec<String> = gate.networks().iter().map(|n| n.to_string()).collect();
             extras.push(format!("networks={}", n.join(",")));
         }
         if let Some(keys) = &r.node_keys {
@@ -205,7 +205,7 @@ fn describe(c: &Config) -> String {
                 p.limit.burst
             ));
         }
-        if r.login_guard {
+        if r.login.is_some() {
             extras.push("login_guard".into());
         }
         extras.push(format!("max_body={}", r.max_body_bytes));

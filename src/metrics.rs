@@ -277,6 +277,14 @@ pub struct Handles {
     requests: [[OnceLock<IntCounter>; COMMON.len()]; METHODS.len()],
 }
 
+/// A copy resolves its own handles: a route copied into a new configuration snapshot starts
+/// with none.
+impl Clone for Handles {
+    fn clone(&self) -> Self {
+        Handles::default()
+    }
+}
+
 impl Default for Handles {
     fn default() -> Self {
         Handles {

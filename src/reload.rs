@@ -72,8 +72,8 @@ impl Reloader {
                 "changed in the file but needs a restart; keeping the running value"
             );
         }
-        self.memory.register(&mut config.limits_mut());
-        let state = State::new(&config).map_err(|e| format!("{}: {e}", self.path.display()))?;
+        let state = State::new(&config, &self.memory)
+            .map_err(|e| format!("{}: {e}", self.path.display()))?;
         // Everything validated: from here on nothing fails. The TLS acceptor keeps its
         // certificate resolver, which takes over the new certificates.
         if let (Some(running), Some(new)) = (&current.tls, &mut config.tls) {

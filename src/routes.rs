@@ -7,13 +7,15 @@ use http::Method;
 use crate::auth::network::Gate;
 use crate::auth::node_key::NodeKeys;
 use crate::auth::{Mode, Role};
-use crate::config;
 use crate::limits::lockout::Guard;
 use crate::limits::ratelimit::Policy;
 use crate::metrics;
 
-/// A route as the runtime uses it.
-#[derive(Debug)]
+/// The Get2Dial API caps request bodies at 1 MB: every route's default.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 1_048_576;
+
+/// A route: the configuration validator builds it, the route table holds it.
+#[derive(Debug, Clone)]
 pub struct Route {
     /// Name used in metrics and logs.
     pub name: String,
@@ -46,6 +48,27 @@ pub struct Route {
 }
 
 impl Route {
+    /// A public route to the first upstream with the default body cap and no limits: what
+    /// tests, benches and fuzz targets build route tables from.
+    pub fn public(name: &str, path_prefix: &str, methods: &[Method]) -> Route {
+        Route {
+            name: name.into(),
+            path_prefix: path_prefix.into(),
+            exact: false,
+            methods: methods.to_vec(),
+            upstream: 0,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            auth: Mode::Public,
+            min_role: None,
+            gate: None,
+            node_keys: None,
+            rate_limits: Vec::new(),
+            login: None,
+            websocket: false,
+            metrics: metrics::Handles::default(),
+        }
+    }
+
     fn matches_path(&self, path: &str) -> bool {
         let p = &self.path_prefix;
         if self.exact {
@@ -81,30 +104,9 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    /// Builds the table from validated config routes; `login` is the lockout of login routes.
-    pub fn new(routes: &[config::Route], login: impl Fn(&config::Route) -> Guard) -> Self {
-        let mut routes: Vec<Arc<Route>> = routes
-            .iter()
-            .map(|r| {
-                Arc::new(Route {
-                    name: r.name.clone(),
-                    path_prefix: r.path_prefix.clone(),
-                    exact: r.exact,
-                    methods: r.methods.clone(),
-                    upstream: r.upstream,
-                    max_body_bytes: r.max_body_bytes,
-                    auth: r.auth,
-                    min_role: r.min_role,
-                    gate: (!r.allow_networks.is_empty())
-                        .then(|| Gate::new(r.allow_networks.clone())),
-                    node_keys: r.node_keys.clone(),
-                    rate_limits: r.rate_limits.clone(),
-                    login: r.login_guard.then(|| login(r)),
-                    websocket: r.websocket,
-                    metrics: metrics::Handles::default(),
-                })
-            })
-            .collect();
+    /// Builds the table from `routes` (their rate-limit policies registered with the store).
+    pub fn new(routes: Vec<Route>) -> Self {
+        let mut routes: Vec<Arc<Route>> = routes.into_iter().map(Arc::new).collect();
         // Longest first, an exact path before a prefix of the same text; stable, so equal
         // prefixes keep file order.
         routes.sort_by_key(|r| (std::cmp::Reverse(r.path_prefix.len()), !r.exact));
@@ -149,8 +151,8 @@ mod tests {
     use super::*;
     use crate::path;
 
-    fn route(name: &str, prefix: &str, methods: &[Method]) -> config::Route {
-        config::Route::public(name, prefix, methods)
+    fn route(name: &str, prefix: &str, methods: &[Method]) -> Route {
+        Route::public(name, prefix, methods)
     }
 
     fn table() -> RouteTable {
@@ -166,8 +168,8 @@ mod tests {
     }
 
     impl RouteTable {
-        fn new_without_login(routes: &[config::Route]) -> Self {
-            RouteTable::new(routes, |_| unreachable!("no login routes here"))
+        fn new_without_login(routes: &[Route]) -> Self {
+            RouteTable::new(routes.to_vec())
         }
     }
 
@@ -218,7 +220,7 @@ mod tests {
 
     #[test]
     fn exact_routes_own_their_path_only_and_beat_a_prefix_of_the_same_text() {
-        let exact = |name: &str, path: &str, methods: &[Method]| config::Route {
+        let exact = |name: &str, path: &str, methods: &[Method]| Route {
             exact: true,
             ..route(name, path, methods)
         };

@@ -10,10 +10,10 @@ use std::time::Duration;
 use crate::auth::jwt::Verifier;
 use crate::client_ip::TrustedProxies;
 use crate::config::{Config, Cors, IdentityHeaders, PlainMode, Security};
-use crate::limits::lockout::Guard;
 use crate::routes::{Route, RouteTable};
 use crate::scrub::Scrub;
-use crate::store::LockoutPolicy;
+use crate::store::memory::MemoryStore;
+use crate::store::Limit;
 use crate::upstreams::Pool;
 
 /// One configuration, ready for requests.
@@ -55,29 +55,16 @@ pub struct State {
 }
 
 impl State {
-    /// Builds the snapshot for `config`.
-    pub fn new(config: &Config) -> std::io::Result<State> {
-        let lockout = &config.lockout;
-        let routes = RouteTable::new(&config.routes, |r| {
-            // A reserved guess is given back by itself once its request cannot be running any
-            // more: every timeout of one attempt, plus margin.
-            let u = &config.upstreams[r.upstream];
-            let policy = |max_failures| LockoutPolicy {
-                max_failures,
-                lock: lockout.lock,
-                reservation_ttl: u.connect_timeout
-                    + u.write_timeout
-                    + u.read_timeout
-                    + config.server.client_body_timeout
-                    + Duration::from_secs(5),
-                max_entries: lockout.max_entries,
-            };
-            Guard {
-                account: policy(lockout.max_failures),
-                email: policy(lockout.max_failures_per_email),
-                failure_statuses: lockout.failure_statuses.clone(),
-            }
-        });
+    /// Builds the snapshot for `config`, its rate-limit policies registered with `memory`
+    /// (which gives each its limiter slot: a policy must be registered to be counted).
+    pub fn new(config: &Config, memory: &MemoryStore) -> std::io::Result<State> {
+        let mut routes = config.routes.clone();
+        let mut limits: Vec<&mut Limit> = routes
+            .iter_mut()
+            .flat_map(|r| r.rate_limits.iter_mut().map(|p| &mut p.limit))
+            .collect();
+        memory.register(&mut limits);
+        let routes = RouteTable::new(routes);
         let pools = config
             .upstreams
             .iter()

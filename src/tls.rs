@@ -7,12 +7,9 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
-use async_trait::async_trait;
-use pingora::server::ShutdownWatch;
-use pingora::services::background::BackgroundService;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -165,34 +162,6 @@ fn mtimes(sources: &[CertSource]) -> Vec<Option<SystemTime>> {
 impl ResolvesServerCert for Certificates {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         self.store.load().pick(hello.server_name())
-    }
-}
-
-/// Background task that reloads certificates whose files changed.
-pub struct Watcher {
-    certificates: Arc<Certificates>,
-    interval: Duration,
-}
-
-impl Watcher {
-    /// Watches `certificates` every `interval`.
-    pub fn new(certificates: Arc<Certificates>, interval: Duration) -> Watcher {
-        Watcher {
-            certificates,
-            interval,
-        }
-    }
-}
-
-#[async_trait]
-impl BackgroundService for Watcher {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(self.interval) => self.certificates.reload_if_changed(),
-                _ = shutdown.changed() => return,
-            }
-        }
     }
 }
 

@@ -1,21 +1,16 @@
 //! Upstream pools: round-robin over each upstream's servers, with optional TCP health checks.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use arc_swap::ArcSwap;
-use async_trait::async_trait;
 use pingora::lb::health_check::TcpHealthCheck;
 use pingora::lb::selection::RoundRobin;
 use pingora::lb::LoadBalancer;
 use pingora::protocols::tls::CaType;
-use pingora::server::ShutdownWatch;
-use pingora::services::background::BackgroundService;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::utils::tls::{parse_x509, WrappedX509};
 
 use crate::config;
-use crate::state::State;
 
 /// One upstream as the runtime uses it.
 pub struct Pool {
@@ -32,7 +27,7 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// The pool for `u`. Its health check, if configured, is run by [`HealthChecks`].
+    /// The pool for `u`. Its health check, if configured, runs when [`Pool::check_if_due`] is called.
     pub fn new(u: &config::Upstream) -> std::io::Result<Pool> {
         let mut balancer = LoadBalancer::<RoundRobin>::try_from_iter(u.servers.iter().copied())?;
         if u.health_check_interval.is_some() {
@@ -78,7 +73,7 @@ impl Pool {
     }
 
     /// Runs the health check when it is due.
-    async fn check_if_due(&self, now: Instant) {
+    pub async fn check_if_due(&self, now: Instant) {
         let Some(interval) = self.settings.health_check_interval else {
             return;
         };
@@ -92,36 +87,6 @@ impl Pool {
             *next = Some(now + interval);
         }
         self.balancer.backends().run_health_check(true).await;
-    }
-}
-
-/// Background task running the health checks of the current configuration's pools, so that
-/// pools replaced by a reload are checked without restarting anything.
-pub struct HealthChecks {
-    state: Arc<ArcSwap<State>>,
-}
-
-impl HealthChecks {
-    /// Checks the pools of whatever state is current.
-    pub fn new(state: Arc<ArcSwap<State>>) -> HealthChecks {
-        HealthChecks { state }
-    }
-}
-
-#[async_trait]
-impl BackgroundService for HealthChecks {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        loop {
-            let state = self.state.load_full();
-            let now = Instant::now();
-            for pool in &state.pools {
-                pool.check_if_due(now).await;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-                _ = shutdown.changed() => return,
-            }
-        }
     }
 }
 

@@ -16,6 +16,11 @@ impl Gate {
         Gate { networks }
     }
 
+    /// The networks.
+    pub fn networks(&self) -> &[IpNet] {
+        &self.networks
+    }
+
     /// True when `ip` lies in one of the networks. IPv4-mapped IPv6 addresses count as IPv4.
     pub fn allows(&self, ip: IpAddr) -> bool {
         let ip = match ip {

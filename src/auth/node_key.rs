@@ -3,12 +3,9 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
-use async_trait::async_trait;
-use pingora::server::ShutdownWatch;
-use pingora::services::background::BackgroundService;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -127,40 +124,10 @@ fn read(path: &Path) -> Result<Loaded, String> {
     Ok((digests, modified))
 }
 
-/// The node-key files to watch; asked anew each round, so a reload's files are watched too.
-pub type Files = Box<dyn Fn() -> Vec<Arc<NodeKeys>> + Send + Sync>;
-
-/// Background task that polls node-key files for changes.
-pub struct Watcher {
-    files: Files,
-    interval: Duration,
-}
-
-impl Watcher {
-    /// Watches the files `files` names every `interval`.
-    pub fn new(files: Files, interval: Duration) -> Watcher {
-        Watcher { files, interval }
-    }
-}
-
-#[async_trait]
-impl BackgroundService for Watcher {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(self.interval) => {}
-                _ = shutdown.changed() => return,
-            }
-            for f in (self.files)() {
-                f.reload_if_changed();
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn checks_and_reloads() {

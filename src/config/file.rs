@@ -694,6 +694,6 @@ pub struct FileRoute {
 }
 
 /// The Get2Dial API caps request bodies at 1 MB.
-pub(super) fn default_max_body() -> u64 {
-    1_048_576
+fn default_max_body() -> u64 {
+    crate::routes::DEFAULT_MAX_BODY_BYTES
 }

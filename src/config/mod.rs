@@ -17,16 +17,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderName, Method};
+use http::HeaderName;
 use ipnet::IpNet;
 
 pub use file::{FileLog, LogFormat, PlainMode};
 
 use crate::auth::jwt;
 use crate::auth::node_key::NodeKeys;
-use crate::auth::{Mode, Role};
-use crate::limits::ratelimit::Policy;
-use crate::store::Limit;
+use crate::routes::Route;
 /// Largest login body the guard reads: Pingora's retry buffer (64 KiB) replays it upstream.
 pub const LOGIN_BODY_CAP: u64 = 65_536;
 
@@ -62,7 +60,8 @@ pub struct Config {
     pub server: Server,
     /// Upstreams, in file order.
     pub upstreams: Vec<Upstream>,
-    /// Routes, in file order; each `upstream` is an index into `upstreams`.
+    /// Routes, in file order; each `upstream` is an index into `upstreams`. Their policies
+    /// get their store slots when a [`crate::state::State`] is built from them.
     pub routes: Vec<Route>,
     /// User token settings, when any route needs them.
     pub jwt: Option<jwt::Settings>,
@@ -250,59 +249,6 @@ pub struct UpstreamTls {
     pub verify: bool,
 }
 
-/// Validated `[[routes]]` entry.
-#[derive(Debug, Clone)]
-pub struct Route {
-    /// Name from the file.
-    pub name: String,
-    /// Path prefix, or the exact path when `exact`.
-    pub path_prefix: String,
-    /// Matches `path_prefix` exactly, not as a prefix.
-    pub exact: bool,
-    /// Allowed methods; empty allows all. GET implies HEAD.
-    pub methods: Vec<Method>,
-    /// Index into [`Config::upstreams`].
-    pub upstream: usize,
-    /// Largest request body accepted.
-    pub max_body_bytes: u64,
-    /// How callers authenticate.
-    pub auth: Mode,
-    /// Lowest role allowed.
-    pub min_role: Option<Role>,
-    /// Source networks allowed; empty allows all.
-    pub allow_networks: Vec<IpNet>,
-    /// Known node keys, for `node_key` routes that configure a digest file.
-    pub node_keys: Option<Arc<NodeKeys>>,
-    /// Rate-limit policies, all of which must allow a request.
-    pub rate_limits: Vec<Policy>,
-    /// Whether the login guard runs on this route.
-    pub login_guard: bool,
-    /// Whether WebSocket upgrades are forwarded.
-    pub websocket: bool,
-}
-
-impl Route {
-    /// A public route to the first upstream with the default body cap and no limits: what
-    /// tests, benches and fuzz targets build route tables from.
-    pub fn public(name: &str, path_prefix: &str, methods: &[Method]) -> Route {
-        Route {
-            name: name.into(),
-            path_prefix: path_prefix.into(),
-            exact: false,
-            methods: methods.to_vec(),
-            upstream: 0,
-            max_body_bytes: file::default_max_body(),
-            auth: Mode::Public,
-            min_role: None,
-            allow_networks: Vec::new(),
-            node_keys: None,
-            rate_limits: Vec::new(),
-            login_guard: false,
-            websocket: false,
-        }
-    }
-}
-
 impl std::fmt::Debug for NodeKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -315,14 +261,6 @@ impl std::fmt::Debug for NodeKeys {
 }
 
 impl Config {
-    /// Every rate-limit policy of every route, for the store to give them ids.
-    pub fn limits_mut(&mut self) -> Vec<&mut Limit> {
-        self.routes
-            .iter_mut()
-            .flat_map(|r| r.rate_limits.iter_mut().map(|p| &mut p.limit))
-            .collect()
-    }
-
     /// Reads, parses and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {

@@ -1,5 +1,7 @@
 //! The validator against files that are right and files that are wrong.
 
+use http::Method;
+
 use super::*;
 
 const MINIMAL: &str = r#"
@@ -110,7 +112,10 @@ fn auth_options_must_fit_the_mode() {
         "auth = \"public\"\nallow_networks = [\"127.0.0.1\"]",
     ))
     .unwrap();
-    assert_eq!(c.routes[0].allow_networks[0].to_string(), "127.0.0.1/32");
+    assert_eq!(
+        c.routes[0].gate.as_ref().unwrap().networks()[0].to_string(),
+        "127.0.0.1/32"
+    );
     let e = parse(&MINIMAL.replace("auth = \"public\"", "")).unwrap_err();
     assert!(e.message.contains("auth"), "{e}");
 }

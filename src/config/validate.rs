@@ -69,10 +69,15 @@ impl Validator<'_> {
     pub(super) fn validate(&self, file: FileConfig) -> Result<Config, ConfigError> {
         let server = self.server(&file.server)?;
         let upstreams = self.upstreams(&file.upstreams)?;
-        let routes = self.routes(&file.routes, &upstreams)?;
+        let lockout = self.lockout(&file.lockout)?;
+        let context = routes::RouteContext {
+            upstreams: &upstreams,
+            lockout: &lockout,
+            body_timeout: server.client_body_timeout,
+        };
+        let routes = self.routes(&file.routes, &context)?;
         let jwt = self.jwt_section(file.jwt.as_ref(), &routes)?;
         let identity_headers = self.identity_headers(&file.identity_headers)?;
-        let lockout = self.lockout(&file.lockout)?;
         let limits = self.limits(&file.limits)?;
         self.log(&file.log)?;
         let tls = match &file.tls {

@@ -68,17 +68,21 @@ impl Entry {
     }
 }
 
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore::new()
+    }
+}
+
 impl MemoryStore {
-    /// A store with a limiter for each of `limits`, whose `id`s it sets.
-    pub fn new(limits: &mut [&mut Limit]) -> MemoryStore {
-        let store = MemoryStore {
+    /// An empty store; policies get their limiters from [`MemoryStore::register`].
+    pub fn new() -> MemoryStore {
+        MemoryStore {
             limiters: ArcSwap::from_pointee(Vec::new()),
             registered: Mutex::new(Vec::new()),
             locks: Mutex::new(HashMap::new()),
             tickets: AtomicU64::new(1),
-        };
-        store.register(limits);
-        store
+        }
     }
 
     /// Gives each limit its limiter and sets its `id`. A limit with the same name, interval and
@@ -126,31 +130,6 @@ impl MemoryStore {
         let rate = self.limiters.load().iter().map(|l| l.len()).sum();
         let locks = self.locks.lock().map_or(0, |l| l.len());
         (rate, locks)
-    }
-}
-
-/// Background task that sweeps a [`MemoryStore`] periodically.
-pub struct Sweeper {
-    store: Arc<MemoryStore>,
-    interval: Duration,
-}
-
-impl Sweeper {
-    /// Sweeps `store` every `interval`.
-    pub fn new(store: Arc<MemoryStore>, interval: Duration) -> Sweeper {
-        Sweeper { store, interval }
-    }
-}
-
-#[async_trait]
-impl pingora::services::background::BackgroundService for Sweeper {
-    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(self.interval) => self.store.sweep(),
-                _ = shutdown.changed() => return,
-            }
-        }
     }
 }
 
@@ -380,7 +359,8 @@ mod tests {
             interval: Duration::from_secs(60),
             burst: 5,
         };
-        let s = MemoryStore::new(&mut [&mut limit]);
+        let s = MemoryStore::new();
+        s.register(&mut [&mut limit]);
         block_on(async {
             for i in 0..5 {
                 let d = s.rate_check(&limit, "k").await;
@@ -407,7 +387,8 @@ mod tests {
             burst,
         };
         let (mut a, mut b) = (make("a", 1), make("b", 1));
-        let s = MemoryStore::new(&mut [&mut a, &mut b]);
+        let s = MemoryStore::new();
+        s.register(&mut [&mut a, &mut b]);
         assert_eq!((a.id, b.id), (0, 1));
         assert!(s.rate_check_now(&a, "k").allowed);
         assert!(!s.rate_check_now(&a, "k").allowed);
@@ -421,7 +402,7 @@ mod tests {
 
     #[test]
     fn lockout_reserve_settle_cycle() {
-        let s = MemoryStore::new(&mut []);
+        let s = MemoryStore::new();
         let p = policy();
         block_on(async {
             // Three slots, all taken: the fourth waits.
@@ -458,7 +439,7 @@ mod tests {
 
     #[test]
     fn success_resets_failures() {
-        let s = MemoryStore::new(&mut []);
+        let s = MemoryStore::new();
         let p = policy();
         block_on(async {
             for _ in 0..2 {
@@ -482,7 +463,7 @@ mod tests {
 
     #[test]
     fn table_is_bounded_and_keeps_attacked_keys() {
-        let s = MemoryStore::new(&mut []);
+        let s = MemoryStore::new();
         let p = policy();
         block_on(async {
             // "victim" is locked; three more keys with one failure each fill the table.

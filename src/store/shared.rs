@@ -7,8 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pingora::server::ShutdownWatch;
-use pingora::services::background::BackgroundService;
 
 use super::memory::MemoryStore;
 use super::redis::RedisStore;
@@ -16,7 +14,7 @@ use super::{Limit, LockoutPolicy, RateDecision, Reservation, Settlement, Store, 
 use crate::metrics::Metrics;
 
 /// How often the probe asks a missing Redis whether it is back.
-const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Whether the shared store is in use; read by `/readyz`.
 #[derive(Debug, Default)]
@@ -92,6 +90,11 @@ impl SharedStore {
         }
     }
 
+    /// True while the in-process store answers instead of Redis.
+    pub fn degraded(&self) -> bool {
+        self.health.degraded()
+    }
+
     /// One probe: brings Redis back into use when it answers.
     pub async fn probe(&self) {
         match tokio::time::timeout(
@@ -141,34 +144,6 @@ impl Store for SharedStore {
         {
             Some(locked) => locked,
             None => self.memory.settle_now(key, ticket, outcome, policy),
-        }
-    }
-}
-
-/// Background task: connects at start, then probes while Redis is down.
-pub struct Prober {
-    store: Arc<SharedStore>,
-}
-
-impl Prober {
-    /// Probes `store`.
-    pub fn new(store: Arc<SharedStore>) -> Prober {
-        Prober { store }
-    }
-}
-
-#[async_trait]
-impl BackgroundService for Prober {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        self.store.probe().await;
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(PROBE_INTERVAL) => {}
-                _ = shutdown.changed() => return,
-            }
-            if self.store.health.degraded() {
-                self.store.probe().await;
-            }
         }
     }
 }

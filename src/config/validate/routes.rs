@@ -7,19 +7,34 @@ use std::time::Duration;
 use http::Method;
 
 use super::Validator;
+use crate::auth::network::Gate;
 use crate::auth::node_key::NodeKeys;
 use crate::auth::Mode;
 use crate::config::file::{FileRateLimit, FileRoute};
-use crate::config::{ConfigError, Route, Upstream, LOGIN_BODY_CAP};
+use crate::config::{ConfigError, Lockout, Upstream, LOGIN_BODY_CAP};
+use crate::limits::lockout::Guard;
 use crate::limits::ratelimit::{KeyKind, Policy};
-use crate::store::Limit;
+use crate::metrics::Handles;
+use crate::routes::Route;
+use crate::store::{Limit, LockoutPolicy};
+
+/// What every route is checked against: the upstreams, and what login routes' lockouts are
+/// made of.
+pub(in crate::config) struct RouteContext<'a> {
+    /// The validated upstreams.
+    pub upstreams: &'a [Upstream],
+    /// The validated lockout settings.
+    pub lockout: &'a Lockout,
+    /// `[server] client_body_timeout_ms`.
+    pub body_timeout: Duration,
+}
 
 impl Validator<'_> {
     /// `[[routes]]`, each checked against the upstreams and the policies of the routes before.
     pub(super) fn routes(
         &self,
         files: &[FileRoute],
-        upstreams: &[Upstream],
+        context: &RouteContext<'_>,
     ) -> Result<Vec<Route>, ConfigError> {
         if files.is_empty() {
             return Err(self.err("routes", "at least one [[routes]] entry is required"));
@@ -37,7 +52,7 @@ impl Validator<'_> {
                     format!("duplicate route `{}`", r.name),
                 ));
             }
-            routes.push(self.route(i, r, upstreams, &mut policy_names)?);
+            routes.push(self.route(i, r, context, &mut policy_names)?);
         }
 
         Ok(routes)
@@ -48,10 +63,11 @@ impl Validator<'_> {
         &self,
         i: usize,
         r: &FileRoute,
-        upstreams: &[Upstream],
+        context: &RouteContext<'_>,
         policy_names: &mut HashMap<String, (String, Policy)>,
     ) -> Result<Route, ConfigError> {
         let key = |k: &str| format!("routes[{i}].{k}");
+        let upstreams = context.upstreams;
         let (path_prefix, exact) = self.route_path(i, r)?;
         let methods = self.methods(i, &r.methods)?;
         let upstream = upstreams
@@ -78,9 +94,13 @@ impl Validator<'_> {
             .enumerate()
             .map(|(j, n)| self.network(&format!("routes[{i}].allow_networks[{j}]"), n))
             .collect::<Result<Vec<_>, _>>()?;
-        if r.login_guard {
-            self.login_route(i, r, &methods)?;
-        }
+        let login = match r.login_guard {
+            true => {
+                self.login_route(i, r, &methods)?;
+                Some(guard(context, &upstreams[upstream]))
+            }
+            false => None,
+        };
         Ok(Route {
             name: r.name.clone(),
             path_prefix,
@@ -90,11 +110,12 @@ impl Validator<'_> {
             max_body_bytes: r.max_body_bytes,
             auth: r.auth,
             min_role: r.min_role,
-            allow_networks,
+            gate: (!allow_networks.is_empty()).then(|| Gate::new(allow_networks)),
             node_keys: self.node_keys(i, r)?,
             rate_limits: self.route_policies(i, r, policy_names)?,
-            login_guard: r.login_guard,
+            login,
             websocket: r.websocket.unwrap_or(r.auth == Mode::JwtQuery),
+            metrics: Handles::default(),
         })
     }
 
@@ -282,5 +303,26 @@ impl Validator<'_> {
                 burst,
             },
         })
+    }
+}
+
+/// A login route's lockout. A reserved guess is given back by itself once its request cannot
+/// be running any more: every timeout of one attempt, plus margin.
+fn guard(context: &RouteContext<'_>, upstream: &Upstream) -> Guard {
+    let lockout = context.lockout;
+    let policy = |max_failures| LockoutPolicy {
+        max_failures,
+        lock: lockout.lock,
+        reservation_ttl: upstream.connect_timeout
+            + upstream.write_timeout
+            + upstream.read_timeout
+            + context.body_timeout
+            + Duration::from_secs(5),
+        max_entries: lockout.max_entries,
+    };
+    Guard {
+        account: policy(lockout.max_failures),
+        email: policy(lockout.max_failures_per_email),
+        failure_statuses: lockout.failure_statuses.clone(),
     }
 }
