@@ -8,7 +8,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion};
 use get2dial_gateway::store::memory::MemoryStore;
 use get2dial_gateway::store::redis::{RedisStore, Settings};
-use get2dial_gateway::store::{Limit, LockoutPolicy, Reservation, Settlement};
+use get2dial_gateway::store::{Limit, Lock, LockoutPolicy, Reservation, Settlement};
 
 struct Server(Child);
 
@@ -106,13 +106,14 @@ fn stores(c: &mut Criterion) {
             let t = ticket;
             let (redis, policy) = (&redis, &policy);
             async move {
-                if let Reservation::Granted(t) = redis
-                    .reserve("a@example.com", policy, t)
-                    .await
-                    .expect("redis")
-                {
+                let lock = Lock {
+                    key: "a@example.com",
+                    policy,
+                    tag: "a@example.com",
+                };
+                if let Reservation::Granted(t) = redis.reserve(&[lock], t).await.expect("redis") {
                     redis
-                        .settle("a@example.com", t, Settlement::Refund, policy)
+                        .settle(&[(lock, Settlement::Refund)], t)
                         .await
                         .expect("redis");
                 }

@@ -20,7 +20,7 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 features=()
 [ "${BENCH_ALLOCATOR:-mimalloc}" = mimalloc ] || features=(--no-default-features)
 cargo build --release --locked "${features[@]}" --bin get2dial-gateway
-cargo build --release --locked "${features[@]}" --bench bare_proxy
-BARE_PROXY_BIN=$(ls -t target/release/deps/bare_proxy-* | grep -v '\.d$' | head -n 1)
+cargo build --release --locked "${features[@]}" --example bare_proxy
+BARE_PROXY_BIN=target/release/examples/bare_proxy
 export BARE_PROXY_BIN
 exec python3 scripts/bench.py

@@ -133,7 +133,8 @@ fn is_safe_message(m: &str) -> bool {
 }
 
 /// What an upstream error answer becomes: its own bytes when it already is an envelope,
-/// otherwise an envelope whose message depends on the status (see DESIGN.md).
+/// otherwise an envelope whose message depends on the status: a 4xx keeps a short upstream
+/// message (see [`upstream_message`]), a 5xx never does (nothing leaks).
 pub fn normalise(status: u16, body_bytes: &[u8]) -> Bytes {
     if is_envelope(body_bytes) {
         return Bytes::copy_from_slice(body_bytes);

@@ -5,29 +5,32 @@
 //! proxy service ([`proxy::Gateway`]), the admin listener ([`admin::Admin`]) and one health-check
 //! task per upstream that asks for it.
 
-pub mod admin;
+// The crate's surface: what the binary, the benches, the fuzz targets and the tests use.
 pub mod auth;
-pub mod background;
-pub mod client_ip;
 pub mod config;
-pub mod connection;
 pub mod demo;
 pub mod envelope;
 pub mod head;
 pub mod limits;
-pub mod metrics;
 pub mod path;
-pub mod proxy;
 pub mod redact;
-pub mod reload;
-pub mod request_id;
 pub mod rewrite;
 pub mod routes;
-pub mod scrub;
-pub mod state;
 pub mod store;
-pub mod tls;
-pub mod upstreams;
+
+// The server's own parts.
+mod admin;
+mod background;
+mod client_ip;
+mod connection;
+mod metrics;
+mod proxy;
+mod reload;
+mod request_id;
+mod scrub;
+mod state;
+mod tls;
+mod upstreams;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -13,7 +13,7 @@ use std::borrow::Cow;
 
 use serde::Deserialize;
 
-use crate::store::{LockoutPolicy, Reservation, Settlement, Store, Ticket};
+use crate::store::{Lock, LockoutPolicy, Reservation, Settlement, Store, Ticket};
 
 /// Longest email accepted (RFC 5321 path limit).
 const MAX_EMAIL_BYTES: usize = 320;
@@ -125,9 +125,8 @@ pub struct Guard {
 #[derive(Debug)]
 pub struct Guess {
     account_key: String,
-    account_ticket: Ticket,
     email_key: String,
-    email_ticket: Ticket,
+    ticket: Ticket,
 }
 
 /// Why a guess was not granted.
@@ -160,33 +159,30 @@ pub fn outcome_label(s: Settlement) -> &'static str {
 }
 
 impl Guard {
-    /// Reserves a guess for `account` under both of its keys, or says why not. A guess
-    /// granted on the account but refused on the email is given back at once.
+    /// Reserves a guess for `account` under both of its keys, in one atomic step (one round
+    /// trip to Redis): both or neither.
     pub async fn reserve(&self, store: &dyn Store, account: &Account) -> Result<Guess, Refusal> {
-        let account_key = account.key();
-        let account_ticket = match store.reserve(&account_key, &self.account).await {
-            Reservation::Granted(t) => t,
-            refused => return Err(Refusal::from(refused)),
-        };
-        let email_key = account.email_key();
-        match store.reserve(&email_key, &self.email).await {
-            Reservation::Granted(email_ticket) => Ok(Guess {
+        let (account_key, email_key) = (account.key(), account.email_key());
+        let tag = escape(&account.email);
+        let locks = [
+            Lock {
+                key: &account_key,
+                policy: &self.account,
+                tag: &tag,
+            },
+            Lock {
+                key: &email_key,
+                policy: &self.email,
+                tag: &tag,
+            },
+        ];
+        match store.reserve(&locks).await {
+            Reservation::Granted(ticket) => Ok(Guess {
                 account_key,
-                account_ticket,
                 email_key,
-                email_ticket,
+                ticket,
             }),
-            refused => {
-                store
-                    .settle(
-                        &account_key,
-                        account_ticket,
-                        Settlement::Refund,
-                        &self.account,
-                    )
-                    .await;
-                Err(Refusal::from(refused))
-            }
+            refused => Err(Refusal::from(refused)),
         }
     }
 
@@ -201,31 +197,39 @@ impl Guard {
         }
     }
 
-    /// Settles `guess`; true when it locked the account or the email.
+    /// Settles `guess`; true when it locked the account or the email. A success clears the
+    /// account only: the email's bound counts every domain's failures, and one tenant's success
+    /// must not clear another's.
     pub async fn settle(&self, store: &dyn Store, guess: Guess, outcome: Settlement) -> bool {
-        let account = store
-            .settle(
-                &guess.account_key,
-                guess.account_ticket,
-                outcome,
-                &self.account,
-            )
-            .await;
-        // A success clears the account only: the email's bound counts every domain's
-        // failures, and one tenant's success must not clear another's.
         let email_outcome = match outcome {
             Settlement::Success => Settlement::Refund,
             other => other,
         };
-        let email = store
-            .settle(
-                &guess.email_key,
-                guess.email_ticket,
+        // The email is in both keys, escaped; its own escape is the tag of both.
+        let tag = guess
+            .email_key
+            .strip_prefix("e:")
+            .unwrap_or(&guess.email_key)
+            .to_string();
+        let locks = [
+            (
+                Lock {
+                    key: &guess.account_key,
+                    policy: &self.account,
+                    tag: &tag,
+                },
+                outcome,
+            ),
+            (
+                Lock {
+                    key: &guess.email_key,
+                    policy: &self.email,
+                    tag: &tag,
+                },
                 email_outcome,
-                &self.email,
-            )
-            .await;
-        account || email
+            ),
+        ];
+        store.settle(&locks, guess.ticket).await
     }
 }
 

@@ -322,7 +322,8 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    /// The one place that counts: by exact status, duration, contract violations.
+    /// After the answer: the request counted (exact status, latency or upgrade length, contract
+    /// violations), a login guess the upstream never answered given back, the access line.
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let route = ctx.route.as_ref().map_or(ctx.label, |r| r.name.as_str());

@@ -13,7 +13,7 @@ use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
 
-use super::{Limit, LockoutPolicy, RateDecision, Reservation, Settlement, Store, Ticket};
+use super::{Limit, Lock, LockoutPolicy, RateDecision, Reservation, Settlement, Store, Ticket};
 
 thread_local! {
     /// The key of the rate check in progress on this thread.
@@ -151,18 +151,12 @@ impl Store for MemoryStore {
         self.rate_check_now(limit, key)
     }
 
-    async fn reserve(&self, key: &str, policy: &LockoutPolicy) -> Reservation {
-        self.reserve_now(key, policy)
+    async fn reserve(&self, locks: &[Lock<'_>]) -> Reservation {
+        self.reserve_all(locks)
     }
 
-    async fn settle(
-        &self,
-        key: &str,
-        ticket: Ticket,
-        outcome: Settlement,
-        policy: &LockoutPolicy,
-    ) -> bool {
-        self.settle_now(key, ticket, outcome, policy)
+    async fn settle(&self, locks: &[(Lock<'_>, Settlement)], ticket: Ticket) -> bool {
+        self.settle_all(locks, ticket)
     }
 }
 
@@ -211,32 +205,68 @@ impl MemoryStore {
     }
 
     /// [`Store::reserve`] without the future.
-    pub fn reserve_now(&self, key: &str, policy: &LockoutPolicy) -> Reservation {
+    pub fn reserve_all(&self, locks: &[Lock<'_>]) -> Reservation {
         let now = Instant::now();
-        let Ok(mut locks) = self.locks.lock() else {
+        let Ok(mut table) = self.locks.lock() else {
             return Reservation::Full;
         };
-        if !locks.contains_key(key) && locks.len() >= policy.max_entries {
-            make_room(&mut locks, now);
-            if locks.len() >= policy.max_entries {
+        let max_entries = locks
+            .iter()
+            .map(|l| l.policy.max_entries)
+            .min()
+            .unwrap_or(0);
+        let new_keys = locks.iter().filter(|l| !table.contains_key(l.key)).count();
+        if table.len() + new_keys > max_entries {
+            make_room(&mut table, now);
+            if table.len() + new_keys > max_entries {
                 return Reservation::Full;
             }
         }
-        let entry = locks.entry(key.into()).or_default();
-        entry.expire(now);
-        if let Some(until) = entry.locked_until {
-            return Reservation::Locked(until - now);
-        }
-        if entry.failures + entry.pending.len() as u32 >= policy.max_failures {
-            // Every remaining guess is in flight; a slot frees up when one of them settles.
-            return Reservation::Locked(Duration::from_secs(1));
+        // All or none: every key is checked before any slot is taken.
+        for lock in locks {
+            let entry = table.entry(lock.key.into()).or_default();
+            entry.expire(now);
+            if let Some(until) = entry.locked_until {
+                return Reservation::Locked(until - now);
+            }
+            if entry.failures + entry.pending.len() as u32 >= lock.policy.max_failures {
+                // Every remaining guess is in flight; a slot frees up when one of them settles.
+                return Reservation::Locked(Duration::from_secs(1));
+            }
         }
         let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
-        entry.pending.push((ticket, now + policy.reservation_ttl));
+        for lock in locks {
+            let entry = table.entry(lock.key.into()).or_default();
+            entry
+                .pending
+                .push((ticket, now + lock.policy.reservation_ttl));
+        }
         Reservation::Granted(ticket)
     }
 
     /// [`Store::settle`] without the future.
+    pub fn settle_all(&self, locks: &[(Lock<'_>, Settlement)], ticket: Ticket) -> bool {
+        let now = Instant::now();
+        let Ok(mut table) = self.locks.lock() else {
+            return false;
+        };
+        let mut locked = false;
+        for (lock, outcome) in locks {
+            locked |= settle_one(&mut table, lock, ticket, *outcome, now);
+        }
+        locked
+    }
+
+    /// One key's reservation, for tests and benches.
+    pub fn reserve_now(&self, key: &str, policy: &LockoutPolicy) -> Reservation {
+        self.reserve_all(&[Lock {
+            key,
+            policy,
+            tag: key,
+        }])
+    }
+
+    /// One key's settlement, for tests and benches.
     pub fn settle_now(
         &self,
         key: &str,
@@ -244,34 +274,46 @@ impl MemoryStore {
         outcome: Settlement,
         policy: &LockoutPolicy,
     ) -> bool {
-        let now = Instant::now();
-        let Ok(mut locks) = self.locks.lock() else {
-            return false;
+        let lock = Lock {
+            key,
+            policy,
+            tag: key,
         };
-        let Some(entry) = locks.get_mut(key) else {
-            // Swept meanwhile (its slot expired): a late failure still counts.
-            if outcome != Settlement::Failure {
-                return false;
-            }
-            let entry = locks.entry(key.into()).or_default();
-            return fail(entry, now, policy);
-        };
-        entry.expire(now);
-        entry.pending.retain(|(t, _)| *t != ticket);
-        let locked = match outcome {
-            Settlement::Failure => fail(entry, now, policy),
-            Settlement::Success => {
-                entry.failures = 0;
-                entry.forget_at = None;
-                false
-            }
-            Settlement::Refund => false,
-        };
-        if entry.is_idle() {
-            locks.remove(key);
-        }
-        locked
+        self.settle_all(&[(lock, outcome)], ticket)
     }
+}
+
+/// Settles `ticket` on one key of `table`; true when this locked it.
+fn settle_one(
+    table: &mut HashMap<Box<str>, Entry>,
+    lock: &Lock<'_>,
+    ticket: Ticket,
+    outcome: Settlement,
+    now: Instant,
+) -> bool {
+    let Some(entry) = table.get_mut(lock.key) else {
+        // Swept meanwhile (its slot expired): a late failure still counts.
+        if outcome != Settlement::Failure {
+            return false;
+        }
+        let entry = table.entry(lock.key.into()).or_default();
+        return fail(entry, now, lock.policy);
+    };
+    entry.expire(now);
+    entry.pending.retain(|(t, _)| *t != ticket);
+    let locked = match outcome {
+        Settlement::Failure => fail(entry, now, lock.policy),
+        Settlement::Success => {
+            entry.failures = 0;
+            entry.forget_at = None;
+            false
+        }
+        Settlement::Refund => false,
+    };
+    if entry.is_idle() {
+        table.remove(lock.key);
+    }
+    locked
 }
 
 fn fail(entry: &mut Entry, now: Instant, policy: &LockoutPolicy) -> bool {
@@ -401,6 +443,42 @@ mod tests {
     }
 
     #[test]
+    fn a_guess_is_reserved_under_every_key_or_none() {
+        let s = MemoryStore::new();
+        let (one, three) = (
+            LockoutPolicy {
+                max_failures: 1,
+                ..policy()
+            },
+            policy(),
+        );
+        let lock = |key, policy| Lock {
+            key,
+            policy,
+            tag: "t",
+        };
+        let Reservation::Granted(t) = s.reserve_all(&[lock("acct", &one), lock("email", &three)])
+        else {
+            panic!()
+        };
+        // The account's one slot is in flight: no slot is taken on the email either.
+        let again = s.reserve_all(&[lock("acct", &one), lock("email", &three)]);
+        assert!(matches!(again, Reservation::Locked(_)));
+        assert_eq!(
+            s.locks.lock().unwrap().get("email").unwrap().pending.len(),
+            1
+        );
+        // One settlement, each key by its own outcome.
+        let settled = [
+            (lock("acct", &one), Settlement::Failure),
+            (lock("email", &three), Settlement::Refund),
+        ];
+        assert!(s.settle_all(&settled, t));
+        assert_eq!(s.locks.lock().unwrap().get("acct").unwrap().failures, 1);
+        assert!(s.locks.lock().unwrap().get("email").is_none());
+    }
+
+    #[test]
     fn lockout_reserve_settle_cycle() {
         let s = MemoryStore::new();
         let p = policy();
@@ -409,30 +487,30 @@ mod tests {
             let t: Vec<_> = (0..3).map(|_| ()).collect();
             let mut tickets = Vec::new();
             for _ in &t {
-                match s.reserve("a", &p).await {
+                match s.reserve_now("a", &p) {
                     Reservation::Granted(t) => tickets.push(t),
                     other => panic!("{other:?}"),
                 }
             }
-            assert!(matches!(s.reserve("a", &p).await, Reservation::Locked(_)));
+            assert!(matches!(s.reserve_now("a", &p), Reservation::Locked(_)));
             // A refund frees a slot; failures lock on the third.
-            s.settle("a", tickets[0], Settlement::Refund, &p).await;
-            assert!(!s.settle("a", tickets[1], Settlement::Failure, &p).await);
-            assert!(!s.settle("a", tickets[2], Settlement::Failure, &p).await);
-            let Reservation::Granted(t) = s.reserve("a", &p).await else {
+            s.settle_now("a", tickets[0], Settlement::Refund, &p);
+            assert!(!s.settle_now("a", tickets[1], Settlement::Failure, &p));
+            assert!(!s.settle_now("a", tickets[2], Settlement::Failure, &p));
+            let Reservation::Granted(t) = s.reserve_now("a", &p) else {
                 panic!()
             };
             assert!(
-                s.settle("a", t, Settlement::Failure, &p).await,
+                s.settle_now("a", t, Settlement::Failure, &p),
                 "third failure locks"
             );
-            assert!(matches!(s.reserve("a", &p).await, Reservation::Locked(d) if d <= p.lock));
+            assert!(matches!(s.reserve_now("a", &p), Reservation::Locked(d) if d <= p.lock));
             tokio::time::sleep(p.lock + Duration::from_millis(20)).await;
             // The lock ran out and the count starts afresh.
-            let Reservation::Granted(t) = s.reserve("a", &p).await else {
+            let Reservation::Granted(t) = s.reserve_now("a", &p) else {
                 panic!()
             };
-            s.settle("a", t, Settlement::Success, &p).await;
+            s.settle_now("a", t, Settlement::Success, &p);
             assert_eq!(s.key_counts().1, 0, "idle entries are dropped");
         });
     }
@@ -443,20 +521,20 @@ mod tests {
         let p = policy();
         block_on(async {
             for _ in 0..2 {
-                let Reservation::Granted(t) = s.reserve("a", &p).await else {
+                let Reservation::Granted(t) = s.reserve_now("a", &p) else {
                     panic!()
                 };
-                s.settle("a", t, Settlement::Failure, &p).await;
+                s.settle_now("a", t, Settlement::Failure, &p);
             }
-            let Reservation::Granted(t) = s.reserve("a", &p).await else {
+            let Reservation::Granted(t) = s.reserve_now("a", &p) else {
                 panic!()
             };
-            s.settle("a", t, Settlement::Success, &p).await;
+            s.settle_now("a", t, Settlement::Success, &p);
             for _ in 0..2 {
-                let Reservation::Granted(t) = s.reserve("a", &p).await else {
+                let Reservation::Granted(t) = s.reserve_now("a", &p) else {
                     panic!()
                 };
-                assert!(!s.settle("a", t, Settlement::Failure, &p).await);
+                assert!(!s.settle_now("a", t, Settlement::Failure, &p));
             }
         });
     }
@@ -468,27 +546,27 @@ mod tests {
         block_on(async {
             // "victim" is locked; three more keys with one failure each fill the table.
             for _ in 0..3 {
-                let Reservation::Granted(t) = s.reserve("victim", &p).await else {
+                let Reservation::Granted(t) = s.reserve_now("victim", &p) else {
                     panic!()
                 };
-                s.settle("victim", t, Settlement::Failure, &p).await;
+                s.settle_now("victim", t, Settlement::Failure, &p);
             }
             for k in ["x1", "x2", "x3"] {
-                let Reservation::Granted(t) = s.reserve(k, &p).await else {
+                let Reservation::Granted(t) = s.reserve_now(k, &p) else {
                     panic!()
                 };
-                s.settle(k, t, Settlement::Failure, &p).await;
+                s.settle_now(k, t, Settlement::Failure, &p);
             }
             assert_eq!(s.key_counts().1, 4);
             for i in 0..50 {
                 let k = format!("flood{i}");
-                if let Reservation::Granted(t) = s.reserve(&k, &p).await {
-                    s.settle(&k, t, Settlement::Failure, &p).await;
+                if let Reservation::Granted(t) = s.reserve_now(&k, &p) {
+                    s.settle_now(&k, t, Settlement::Failure, &p);
                 }
             }
             assert!(s.key_counts().1 <= 4);
             assert!(matches!(
-                s.reserve("victim", &p).await,
+                s.reserve_now("victim", &p),
                 Reservation::Locked(_)
             ));
         });

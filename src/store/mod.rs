@@ -59,6 +59,18 @@ pub struct LockoutPolicy {
     pub max_entries: usize,
 }
 
+/// One key of a lockout operation: the key, the policy it is held to, and the hash tag that
+/// keeps every key of one operation in one Redis Cluster slot (it must hold no `{` or `}`).
+#[derive(Debug, Clone, Copy)]
+pub struct Lock<'a> {
+    /// The key.
+    pub key: &'a str,
+    /// Its policy.
+    pub policy: &'a LockoutPolicy,
+    /// Shared by every key of the operation.
+    pub tag: &'a str,
+}
+
 /// Proof of a reserved guess, to settle it later.
 pub type Ticket = u64;
 
@@ -90,15 +102,11 @@ pub trait Store: Send + Sync {
     /// Checks (and on success, counts) one request against `limit` for `key`.
     async fn rate_check(&self, limit: &Limit, key: &str) -> RateDecision;
 
-    /// Reserves a guess for `key`.
-    async fn reserve(&self, key: &str, policy: &LockoutPolicy) -> Reservation;
+    /// Reserves one guess under every one of `locks`, atomically: granted on all of them, or
+    /// on none (then the first refusal says why).
+    async fn reserve(&self, locks: &[Lock<'_>]) -> Reservation;
 
-    /// Settles a reserved guess; returns true when this settlement locked the key.
-    async fn settle(
-        &self,
-        key: &str,
-        ticket: Ticket,
-        outcome: Settlement,
-        policy: &LockoutPolicy,
-    ) -> bool;
+    /// Settles a guess reserved under `locks`, each by its own outcome, atomically; true when
+    /// this locked any of them.
+    async fn settle(&self, locks: &[(Lock<'_>, Settlement)], ticket: Ticket) -> bool;
 }

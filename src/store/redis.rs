@@ -12,7 +12,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Script};
 use tokio::sync::OnceCell;
 
-use super::{Limit, LockoutPolicy, RateDecision, Reservation, Settlement, Ticket};
+use super::{Limit, Lock, RateDecision, Reservation, Settlement, Ticket};
 
 /// GCRA. KEYS[1] = bucket; ARGV = interval µs, tau µs. Returns {allowed, remaining, wait µs}.
 const GCRA: &str = r#"
@@ -31,67 +31,81 @@ redis.call('SET', KEYS[1], string.format('%.0f', nxt), 'PX', math.ceil((nxt - no
 return {1, math.floor((now + tau + t - nxt) / t), 0}
 "#;
 
-/// Shared head of both lockout scripts: loads the key's state, applying expiries.
-/// KEYS[1] = state hash {f = failures, forget = ms, locked = ms}, KEYS[2] = pending tickets.
+/// Shared head of both lockout scripts: the time, and `load`, which reads one key's state
+/// (KEYS pair: state hash {f = failures, forget = ms, locked = ms}, pending tickets) with its
+/// expiries applied. A script handles every key of one operation, so all of them change in one
+/// atomic step and one round trip.
 const LOCK_STATE: &str = r#"
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local st = redis.call('HMGET', KEYS[1], 'f', 'forget', 'locked')
-local f = tonumber(st[1]) or 0
-local forget = tonumber(st[2]) or 0
-local locked = tonumber(st[3]) or 0
-if locked > 0 and locked <= now then
-  f = 0; forget = 0; locked = 0
-  redis.call('DEL', KEYS[1])
+local function load(s, p)
+  local st = redis.call('HMGET', s, 'f', 'forget', 'locked')
+  local f = tonumber(st[1]) or 0
+  local forget = tonumber(st[2]) or 0
+  local locked = tonumber(st[3]) or 0
+  if locked > 0 and locked <= now then
+    f = 0; forget = 0; locked = 0
+    redis.call('DEL', s)
+  end
+  if forget > 0 and forget <= now then
+    f = 0; forget = 0
+    redis.call('HDEL', s, 'f', 'forget')
+  end
+  redis.call('ZREMRANGEBYSCORE', p, '-inf', now)
+  return f, locked
 end
-if forget > 0 and forget <= now then
-  f = 0; forget = 0
-  redis.call('HDEL', KEYS[1], 'f', 'forget')
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 "#;
 
-/// ARGV = max failures, reservation ttl ms, ticket. Returns {granted, wait ms}.
+/// KEYS = state, pending for each key; ARGV = ticket, then max failures and reservation ttl ms
+/// for each key. All keys or none. Returns {granted, wait ms}.
 const RESERVE: &str = r#"
-local max = tonumber(ARGV[1])
-local ttl = tonumber(ARGV[2])
-if locked > now then
-  return {0, locked - now}
+local n = #KEYS / 2
+for i = 1, n do
+  local s, p = KEYS[2 * i - 1], KEYS[2 * i]
+  local f, locked = load(s, p)
+  if locked > now then
+    return {0, locked - now}
+  end
+  if f + redis.call('ZCARD', p) >= tonumber(ARGV[2 * i]) then
+    return {0, 1000}
+  end
 end
-if f + redis.call('ZCARD', KEYS[2]) >= max then
-  return {0, 1000}
+for i = 1, n do
+  local p = KEYS[2 * i]
+  local ttl = tonumber(ARGV[2 * i + 1])
+  redis.call('ZADD', p, now + ttl, ARGV[1])
+  redis.call('PEXPIRE', p, ttl)
 end
-redis.call('ZADD', KEYS[2], now + ttl, ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ttl)
 return {1, 0}
 "#;
 
-/// ARGV = outcome (f, s, r), max failures, lock ms, ticket. Returns 1 when this locked the key.
+/// KEYS = state, pending for each key; ARGV = ticket, then outcome (f, s, r), max failures and
+/// lock ms for each key. Returns 1 when this locked any key.
 const SETTLE: &str = r#"
-local max = tonumber(ARGV[2])
-local lock = tonumber(ARGV[3])
-redis.call('ZREM', KEYS[2], ARGV[4])
-if ARGV[1] == 'r' then
-  return 0
-end
-if ARGV[1] == 's' then
-  if locked == 0 then
-    redis.call('DEL', KEYS[1])
+local any = 0
+for i = 1, #KEYS / 2 do
+  local s, p = KEYS[2 * i - 1], KEYS[2 * i]
+  local f, locked = load(s, p)
+  local outcome = ARGV[3 * i - 1]
+  local max = tonumber(ARGV[3 * i])
+  local lock = tonumber(ARGV[3 * i + 1])
+  redis.call('ZREM', p, ARGV[1])
+  if outcome == 's' then
+    if locked == 0 then
+      redis.call('DEL', s)
+    end
+  elseif outcome == 'f' and locked <= now then
+    f = f + 1
+    if f >= max then
+      redis.call('HSET', s, 'f', f, 'forget', now + lock, 'locked', now + lock)
+      any = 1
+    else
+      redis.call('HSET', s, 'f', f, 'forget', now + lock)
+    end
+    redis.call('PEXPIREAT', s, now + lock)
   end
-  return 0
 end
-if locked > now then
-  return 0
-end
-f = f + 1
-if f >= max then
-  redis.call('HSET', KEYS[1], 'f', f, 'forget', now + lock, 'locked', now + lock)
-  redis.call('PEXPIREAT', KEYS[1], now + lock)
-  return 1
-end
-redis.call('HSET', KEYS[1], 'f', f, 'forget', now + lock)
-redis.call('PEXPIREAT', KEYS[1], now + lock)
-return 0
+return any
 "#;
 
 /// How to reach Redis.
@@ -209,30 +223,34 @@ impl RedisStore {
         })
     }
 
-    fn lock_keys(&self, key: &str) -> (String, String) {
-        // One hash tag for both keys, so they share a cluster slot.
-        let base = format!("{}:lo:{{{}}}", self.config.key_prefix, key);
+    /// The state and pending-ticket keys of `lock`, under its hash tag so that every key of
+    /// one operation shares a cluster slot.
+    fn lock_keys(&self, lock: &Lock<'_>) -> (String, String) {
+        let base = format!(
+            "{}:lo:{{{}}}:{}",
+            self.config.key_prefix, lock.tag, lock.key
+        );
         (format!("{base}:s"), format!("{base}:p"))
     }
 
     /// [`super::Store::reserve`] against Redis.
     pub async fn reserve(
         &self,
-        key: &str,
-        policy: &LockoutPolicy,
+        locks: &[Lock<'_>],
         ticket: Ticket,
     ) -> redis::RedisResult<Reservation> {
-        let (state, pending) = self.lock_keys(key);
+        let mut invocation = self.reserve.prepare_invoke();
+        invocation.arg(ticket);
+        for lock in locks {
+            let (state, pending) = self.lock_keys(lock);
+            invocation
+                .key(state)
+                .key(pending)
+                .arg(lock.policy.max_failures)
+                .arg(millis(lock.policy.reservation_ttl));
+        }
         let mut c = self.connection().await?;
-        let (granted, wait): (i64, i64) = self
-            .reserve
-            .key(state)
-            .key(pending)
-            .arg(policy.max_failures)
-            .arg(millis(policy.reservation_ttl))
-            .arg(ticket)
-            .invoke_async(&mut c)
-            .await?;
+        let (granted, wait): (i64, i64) = invocation.invoke_async(&mut c).await?;
         Ok(if granted == 1 {
             Reservation::Granted(ticket)
         } else {
@@ -243,28 +261,27 @@ impl RedisStore {
     /// [`super::Store::settle`] against Redis.
     pub async fn settle(
         &self,
-        key: &str,
+        locks: &[(Lock<'_>, Settlement)],
         ticket: Ticket,
-        outcome: Settlement,
-        policy: &LockoutPolicy,
     ) -> redis::RedisResult<bool> {
-        let (state, pending) = self.lock_keys(key);
-        let outcome = match outcome {
-            Settlement::Failure => "f",
-            Settlement::Success => "s",
-            Settlement::Refund => "r",
-        };
+        let mut invocation = self.settle.prepare_invoke();
+        invocation.arg(ticket);
+        for (lock, outcome) in locks {
+            let (state, pending) = self.lock_keys(lock);
+            let outcome = match outcome {
+                Settlement::Failure => "f",
+                Settlement::Success => "s",
+                Settlement::Refund => "r",
+            };
+            invocation
+                .key(state)
+                .key(pending)
+                .arg(outcome)
+                .arg(lock.policy.max_failures)
+                .arg(millis(lock.policy.lock));
+        }
         let mut c = self.connection().await?;
-        let locked: i64 = self
-            .settle
-            .key(state)
-            .key(pending)
-            .arg(outcome)
-            .arg(policy.max_failures)
-            .arg(millis(policy.lock))
-            .arg(ticket)
-            .invoke_async(&mut c)
-            .await?;
+        let locked: i64 = invocation.invoke_async(&mut c).await?;
         Ok(locked == 1)
     }
 }

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 
 use super::memory::MemoryStore;
 use super::redis::RedisStore;
-use super::{Limit, LockoutPolicy, RateDecision, Reservation, Settlement, Store, Ticket};
+use super::{Limit, Lock, RateDecision, Reservation, Settlement, Store, Ticket};
 use crate::metrics::Metrics;
 
 /// How often the probe asks a missing Redis whether it is back.
@@ -119,31 +119,19 @@ impl Store for SharedStore {
         }
     }
 
-    async fn reserve(&self, key: &str, policy: &LockoutPolicy) -> Reservation {
-        // Random tickets: several replicas reserve in the same sorted set.
+    async fn reserve(&self, locks: &[Lock<'_>]) -> Reservation {
+        // Random tickets: several replicas reserve in the same sorted sets.
         let ticket = uuid::Uuid::new_v4().as_u64_pair().0;
-        match self
-            .try_redis(self.redis.reserve(key, policy, ticket))
-            .await
-        {
+        match self.try_redis(self.redis.reserve(locks, ticket)).await {
             Some(r) => r,
-            None => self.memory.reserve_now(key, policy),
+            None => self.memory.reserve_all(locks),
         }
     }
 
-    async fn settle(
-        &self,
-        key: &str,
-        ticket: Ticket,
-        outcome: Settlement,
-        policy: &LockoutPolicy,
-    ) -> bool {
-        match self
-            .try_redis(self.redis.settle(key, ticket, outcome, policy))
-            .await
-        {
+    async fn settle(&self, locks: &[(Lock<'_>, Settlement)], ticket: Ticket) -> bool {
+        match self.try_redis(self.redis.settle(locks, ticket)).await {
             Some(locked) => locked,
-            None => self.memory.settle_now(key, ticket, outcome, policy),
+            None => self.memory.settle_all(locks, ticket),
         }
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! `BARE_PROXY_LISTEN=127.0.0.1:7000 BARE_PROXY_UPSTREAM=127.0.0.1:7001 BARE_PROXY_THREADS=1 <bin>`
 //! (`BARE_PROXY_WORK_STEALING=false` for Pingora's no-steal runtime, as the gateway can run);
-//! without `BARE_PROXY_LISTEN` it exits at once (so `cargo test --benches` passes over it).
+//! without `BARE_PROXY_LISTEN` it exits at once.
 
 use async_trait::async_trait;
 use pingora::prelude::*;
