@@ -92,6 +92,7 @@ fn stores(c: &mut Criterion) {
         pool_size: 1,
         connect_timeout: Duration::from_secs(1),
         timeout: Duration::from_secs(1),
+        lockout_timeout: Duration::from_secs(1),
     })
     .expect("a redis client");
     runtime.block_on(redis.ping()).expect("redis answers");

@@ -154,7 +154,7 @@ pub fn build_server(
                 memory.clone(),
                 health.clone(),
                 metrics.clone(),
-                settings.timeout,
+                (settings.timeout, settings.lockout_timeout),
             ));
             // Connects at start, then probes while Redis is down.
             let probed = shared.clone();

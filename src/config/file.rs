@@ -247,6 +247,10 @@ pub struct FileStore {
     /// Longest wait for one Redis operation before the in-process store answers.
     #[serde(default = "default_store_timeout")]
     pub timeout_ms: u64,
+    /// Longest wait for one lockout operation (a login guess) before the in-process store
+    /// answers: longer, because a login's bound matters more than its latency.
+    #[serde(default = "default_lockout_timeout")]
+    pub lockout_timeout_ms: u64,
     /// Connect timeout.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_ms: u64,
@@ -261,6 +265,7 @@ impl Default for FileStore {
             key_prefix: default_key_prefix(),
             pool_size: default_pool_size(),
             timeout_ms: default_store_timeout(),
+            lockout_timeout_ms: default_lockout_timeout(),
             connect_timeout_ms: default_connect_timeout(),
         }
     }
@@ -271,6 +276,9 @@ fn default_key_prefix() -> String {
 }
 fn default_pool_size() -> usize {
     2
+}
+fn default_lockout_timeout() -> u64 {
+    1000
 }
 fn default_store_timeout() -> u64 {
     50

@@ -121,8 +121,10 @@ pub struct Settings {
     pub pool_size: usize,
     /// TCP (and TLS) connect timeout.
     pub connect_timeout: Duration,
-    /// Longest wait for one operation's answer.
+    /// Longest wait for one rate check's answer.
     pub timeout: Duration,
+    /// Longest wait for one lockout operation's answer.
+    pub lockout_timeout: Duration,
 }
 
 impl std::fmt::Debug for Settings {
@@ -178,7 +180,11 @@ impl RedisStore {
             .get_or_try_init(|| async {
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(self.config.connect_timeout))
-                    .set_response_timeout(Some(self.config.timeout))
+                    // Each operation has its own deadline (see `SharedStore`); this is the
+                    // longest of them.
+                    .set_response_timeout(Some(
+                        self.config.timeout.max(self.config.lockout_timeout),
+                    ))
                     .set_number_of_retries(1)
                     .set_max_delay(Duration::from_millis(500));
                 (0..self.config.pool_size.max(1))

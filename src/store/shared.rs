@@ -35,24 +35,30 @@ pub struct SharedStore {
     memory: Arc<MemoryStore>,
     health: Arc<StoreHealth>,
     metrics: Arc<Metrics>,
+    /// Deadline of a rate check.
     timeout: Duration,
+    /// Deadline of a lockout operation: a login waits longer rather than be counted by one
+    /// replica alone.
+    lockout_timeout: Duration,
 }
 
 impl SharedStore {
-    /// Wraps `redis` with `memory` as the fallback.
+    /// Wraps `redis` with `memory` as the fallback; operations wait `timeouts` (rate checks,
+    /// lockout operations) for Redis.
     pub fn new(
         redis: RedisStore,
         memory: Arc<MemoryStore>,
         health: Arc<StoreHealth>,
         metrics: Arc<Metrics>,
-        timeout: Duration,
+        timeouts: (Duration, Duration),
     ) -> SharedStore {
         SharedStore {
             redis,
             memory,
             health,
             metrics,
-            timeout,
+            timeout: timeouts.0,
+            lockout_timeout: timeouts.1,
         }
     }
 
@@ -60,13 +66,29 @@ impl SharedStore {
     async fn try_redis<T>(
         &self,
         op: impl std::future::Future<Output = redis::RedisResult<T>>,
+        timeout: Duration,
     ) -> Option<T> {
         if !self.health.degraded() {
-            match tokio::time::timeout(self.timeout, op).await {
-                Ok(Ok(v)) => return Some(v),
-                Ok(Err(e)) => self.mark_down(&e.to_string()),
-                Err(_) => self.mark_down("timed out"),
+            return self.ask_redis(op, timeout).await;
+        }
+        self.metrics.store_fallbacks.inc();
+        None
+    }
+
+    /// Runs `op` on Redis even while it is thought down (a lockout operation: one replica's
+    /// count alone would let more guesses through); `None` means: use the fallback.
+    async fn ask_redis<T>(
+        &self,
+        op: impl std::future::Future<Output = redis::RedisResult<T>>,
+        timeout: Duration,
+    ) -> Option<T> {
+        match tokio::time::timeout(timeout, op).await {
+            Ok(Ok(v)) => {
+                self.mark_up();
+                return Some(v);
             }
+            Ok(Err(e)) => self.mark_down(&e.to_string()),
+            Err(_) => self.mark_down("timed out"),
         }
         self.metrics.store_fallbacks.inc();
         None
@@ -113,7 +135,10 @@ impl SharedStore {
 #[async_trait]
 impl Store for SharedStore {
     async fn rate_check(&self, limit: &Limit, key: &str) -> RateDecision {
-        match self.try_redis(self.redis.rate_check(limit, key)).await {
+        match self
+            .try_redis(self.redis.rate_check(limit, key), self.timeout)
+            .await
+        {
             Some(d) => d,
             None => self.memory.rate_check_now(limit, key),
         }
@@ -122,14 +147,20 @@ impl Store for SharedStore {
     async fn reserve(&self, locks: &[Lock<'_>]) -> Reservation {
         // Random tickets: several replicas reserve in the same sorted sets.
         let ticket = uuid::Uuid::new_v4().as_u64_pair().0;
-        match self.try_redis(self.redis.reserve(locks, ticket)).await {
+        match self
+            .ask_redis(self.redis.reserve(locks, ticket), self.lockout_timeout)
+            .await
+        {
             Some(r) => r,
             None => self.memory.reserve_all(locks),
         }
     }
 
     async fn settle(&self, locks: &[(Lock<'_>, Settlement)], ticket: Ticket) -> bool {
-        match self.try_redis(self.redis.settle(locks, ticket)).await {
+        match self
+            .ask_redis(self.redis.settle(locks, ticket), self.lockout_timeout)
+            .await
+        {
             Some(locked) => locked,
             None => self.memory.settle_all(locks, ticket),
         }

@@ -233,6 +233,7 @@ impl Validator<'_> {
             pool_size: st.pool_size,
             connect_timeout: self.millis("store.connect_timeout_ms", st.connect_timeout_ms)?,
             timeout: self.millis("store.timeout_ms", st.timeout_ms)?,
+            lockout_timeout: self.millis("store.lockout_timeout_ms", st.lockout_timeout_ms)?,
         })
     }
 }
