@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::redis::Backend;
 use common::upstream::{Upstream, RIGHT_PASSWORD};
-use common::{parse_metrics, Gateway, Response};
+use common::{login, login_raw, parse_metrics, Gateway, Response};
 
 const LOCKED: &str = "account temporarily locked";
 
@@ -25,36 +25,12 @@ fn gateway(b: &Backend, up: &Upstream, lockout: &str) -> Gateway {
 name = "control"
 servers = ["{up}"]
 
-[[routes]]
-name = "login"
-path_prefix = "/api/v1/auth/login"
-methods = ["POST"]
-upstream = "control"
-auth = "public"
-login_guard = true
-max_body_bytes = 4096
+{login}
 "#,
         up = up.addr,
         store = b.toml(),
+        login = common::login_route("control", ""),
     ))
-}
-
-fn login_raw(gw: &Gateway, body: &str) -> Response {
-    gw.send(
-        format!(
-            "POST /api/v1/auth/login HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    )
-}
-
-fn login(gw: &Gateway, email: &str, password: &str) -> Response {
-    login_raw(
-        gw,
-        &serde_json::json!({"email": email, "password": password}).to_string(),
-    )
 }
 
 fn attempts(gw: &Gateway) -> std::collections::HashMap<String, f64> {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::redis::RedisServer;
 use common::upstream::Upstream;
-use common::{get, parse_metrics, Gateway, Response};
+use common::{get, login, parse_metrics, Gateway, Response};
 
 /// A gateway with a login route and a rate-limited route, its store in Redis at `url`.
 fn replica(up: &Upstream, store: &str, env: &[(&str, &str)], files: &[(&str, &str)]) -> Gateway {
@@ -24,14 +24,7 @@ kind = "redis"
 name = "control"
 servers = ["{up}"]
 
-[[routes]]
-name = "login"
-path_prefix = "/api/v1/auth/login"
-methods = ["POST"]
-upstream = "control"
-auth = "public"
-login_guard = true
-max_body_bytes = 4096
+{login}
 
 [[routes]]
 name = "limited"
@@ -40,7 +33,8 @@ upstream = "control"
 auth = "public"
 rate_limit = {{ name = "shared", key = "ip", per_minute = 1, burst = 6 }}
 "#,
-            up = up.addr
+            up = up.addr,
+            login = common::login_route("control", ""),
         ),
         env,
         files,
@@ -53,17 +47,6 @@ fn plain(up: &Upstream, redis: &RedisServer) -> Gateway {
         &format!("redis_url = \"{}\"\ntimeout_ms = 50", redis.url()),
         &[],
         &[],
-    )
-}
-
-fn login(gw: &Gateway, email: &str, password: &str) -> Response {
-    let body = serde_json::json!({"email": email, "password": password}).to_string();
-    gw.send(
-        format!(
-            "POST /api/v1/auth/login HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
     )
 }
 

@@ -496,6 +496,36 @@ pub fn mint_token(secret: &str, tenant: &str, user: &str, role: &str) -> String 
     .expect("an HS256 token")
 }
 
+/// The `[[routes]]` entry of the API's login route on `upstream`: exact path, POST only, the
+/// login guard on, and `extra` lines (a rate limit, say).
+pub fn login_route(upstream: &str, extra: &str) -> String {
+    format!(
+        "[[routes]]\nname = \"login\"\npath = \"/api/v1/auth/login\"\nmethods = [\"POST\"]\n\
+         upstream = \"{upstream}\"\nauth = \"public\"\nlogin_guard = true\nmax_body_bytes = 4096\n\
+         {extra}\n"
+    )
+}
+
+/// `POST /api/v1/auth/login` with `body` as it is.
+pub fn login_raw(gw: &Gateway, body: &str) -> Response {
+    gw.send(
+        format!(
+            "POST /api/v1/auth/login HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+}
+
+/// A login attempt for `email` with `password`.
+pub fn login(gw: &Gateway, email: &str, password: &str) -> Response {
+    login_raw(
+        gw,
+        &serde_json::json!({"email": email, "password": password}).to_string(),
+    )
+}
+
 /// A TCP port with nothing listening behind it.
 pub fn closed_port() -> u16 {
     free_port()
