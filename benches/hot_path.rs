@@ -77,10 +77,10 @@ fn normalise(c: &mut Criterion) {
 }
 
 fn jwt(c: &mut Criterion) {
-    use get2dial_gateway::auth::jwt::{Settings, Verifier};
+    use get2dial_gateway::auth::jwt::{Profile, Verifier};
     use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
     let secret = b"bench-secret-0123456789abcdef".to_vec();
-    let settings = Settings {
+    let settings = Profile {
         secrets: vec![secret.clone()],
         issuer: "get2dial".into(),
         audience: "get2dial-control".into(),
@@ -103,7 +103,7 @@ fn jwt(c: &mut Criterion) {
         .secrets
         .insert(0, b"newer-secret-0123456789abcdef".to_vec());
     let two = Verifier::new(&rotated);
-    let cached = Verifier::new(&Settings {
+    let cached = Verifier::new(&Profile {
         cache_entries: 10_000,
         ..settings.clone()
     });
@@ -121,7 +121,7 @@ fn jwt(c: &mut Criterion) {
 
 fn limits(c: &mut Criterion) {
     use get2dial_gateway::store::memory::MemoryStore;
-    use get2dial_gateway::store::{Limit, LockoutPolicy, Reservation, Settlement};
+    use get2dial_gateway::store::{Limit, LockPolicy, Reservation, Settlement};
     use std::time::Duration;
     let mut limit = Limit {
         id: 0,
@@ -140,7 +140,7 @@ fn limits(c: &mut Criterion) {
             store.rate_check_now(&limit, black_box(&keys[i]))
         })
     });
-    let policy = LockoutPolicy {
+    let policy = LockPolicy {
         max_failures: 10,
         lock: Duration::from_secs(900),
         reservation_ttl: Duration::from_secs(60),

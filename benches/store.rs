@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use get2dial_gateway::store::memory::MemoryStore;
-use get2dial_gateway::store::redis::{RedisStore, Settings};
-use get2dial_gateway::store::{Limit, Lock, LockoutPolicy, Reservation, Settlement};
+use get2dial_gateway::store::redis::{Endpoint, RedisStore};
+use get2dial_gateway::store::{Limit, Lock, LockPolicy, Reservation, Settlement};
 
 struct Server(Child);
 
@@ -57,7 +57,7 @@ fn stores(c: &mut Criterion) {
         interval: Duration::from_millis(20),
         burst: 100,
     };
-    let policy = LockoutPolicy {
+    let policy = LockPolicy {
         max_failures: 10,
         lock: Duration::from_secs(900),
         reservation_ttl: Duration::from_secs(60),
@@ -85,7 +85,7 @@ fn stores(c: &mut Criterion) {
         eprintln!("redis-server not available: skipping the Redis benches");
         return;
     };
-    let redis = RedisStore::new(Settings {
+    let redis = RedisStore::new(Endpoint {
         url: format!("redis://127.0.0.1:{port}"),
         ca_pem: None,
         key_prefix: "bench".into(),

@@ -26,7 +26,7 @@ pub struct StandIn {
 
 impl StandIn {
     /// A stand-in signing tokens with `settings`' first secret.
-    pub fn new(settings: &crate::auth::jwt::Settings) -> StandIn {
+    pub fn new(settings: &crate::auth::jwt::Profile) -> StandIn {
         StandIn {
             secret: settings.secrets.first().cloned().unwrap_or_default(),
             issuer: settings.issuer.clone(),

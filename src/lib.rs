@@ -77,7 +77,51 @@ pub fn build_server(
     // One TLS crypto provider for the whole process (rediss:// connections), chosen explicitly
     // rather than by whichever crate features happen to be enabled.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut server = pingora_server(&config, upgrade);
+    let metrics = Arc::new(metrics::Metrics::new()?);
+    let memory = Arc::new(store::memory::MemoryStore::new());
+    let state = state::State::new(&config, &memory).map_err(|e| BuildError::Upstream {
+        file: config.path.display().to_string(),
+        source: e,
+    })?;
+    let state = Arc::new(ArcSwap::from_pointee(state));
+    background_tasks(&mut server, &config, &state, &memory);
+    let health = Arc::new(store::shared::StoreHealth::default());
+    let store = shared_store(&mut server, &config, &memory, &health, &metrics)?;
+    for u in &config.upstreams {
+        if u.tls.as_ref().is_some_and(|t| !t.verify) {
+            tracing::warn!(upstream = %u.name, "TLS certificate verification is OFF for this upstream");
+        }
+    }
+    let gateway = proxy::Gateway::new(state.clone(), metrics.clone(), store);
+    let heads = Arc::new(proxy::HeadJudge::new(state.clone(), metrics.clone()));
+    let proxy = public_service(&mut server, &config, gateway, heads)?;
+    server.add_service(proxy);
 
+    let admin_listen = config.server.admin_listen.to_string();
+    let admin_token = config.server.admin_token.clone();
+    let reloader = Arc::new(reload::Reloader::new(
+        config,
+        state,
+        memory,
+        metrics.clone(),
+    ));
+    server.add_service(background_service(
+        "reload on SIGHUP",
+        reload::OnSignal::new(reloader.clone()),
+    ));
+    let admin_app = admin::Admin::new(metrics, health, reloader, admin_token);
+    let mut admin = Service::new("admin".to_string(), admin_app);
+    admin.add_tcp(&admin_listen);
+    server.add_service(admin);
+
+    extra(&mut server);
+    Ok(server)
+}
+
+/// The Pingora server with the process settings of `config`, bootstrapped (with `upgrade`,
+/// it takes the listening sockets from the running process that got SIGQUIT).
+fn pingora_server(config: &Config, upgrade: bool) -> Server {
     let grace = config.server.shutdown_grace.as_secs();
     let conf = ServerConf {
         threads: config.server.threads,
@@ -90,18 +134,24 @@ pub fn build_server(
         fast_timeout_to_tokio_threshold_seconds: Some(0),
         ..ServerConf::default()
     };
-    // With `upgrade`, bootstrap takes the listening sockets from the running process that got
-    // SIGQUIT, through the upgrade socket.
     let opt = Opt {
         upgrade,
         ..Opt::default()
     };
     let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     server.bootstrap();
+    server
+}
 
-    let metrics = Arc::new(metrics::Metrics::new()?);
-
-    let memory = Arc::new(store::memory::MemoryStore::new());
+/// The sweeper of idle limiter keys, the upstream health checks and the node-key watcher.
+/// The last two read whatever configuration is current, so a reload's pools and files are
+/// covered.
+fn background_tasks(
+    server: &mut Server,
+    config: &Config,
+    state: &Arc<ArcSwap<state::State>>,
+    memory: &Arc<store::memory::MemoryStore>,
+) {
     let swept = memory.clone();
     server.add_service(background_service(
         "limit sweeper",
@@ -110,12 +160,6 @@ pub fn build_server(
             std::future::ready(())
         }),
     ));
-    let state = state::State::new(&config, &memory).map_err(|e| BuildError::Upstream {
-        file: config.path.display().to_string(),
-        source: e,
-    })?;
-    let state = Arc::new(ArcSwap::from_pointee(state));
-    // Both read whatever configuration is current, so a reload's pools and files are covered.
     let checked = state.clone();
     server.add_service(background_service(
         "upstream health checks",
@@ -141,63 +185,57 @@ pub fn build_server(
             std::future::ready(())
         }),
     ));
+}
 
-    let health = Arc::new(store::shared::StoreHealth::default());
-    let store: Arc<dyn store::Store> = match &config.redis {
-        None => memory.clone(),
-        Some(settings) => {
-            let redis = store::redis::RedisStore::new(settings.clone()).map_err(|e| {
-                BuildError::Redis(format!("{}: store.redis_url: {e}", config.path.display()))
-            })?;
-            let shared = Arc::new(store::shared::SharedStore::new(
-                redis,
-                memory.clone(),
-                health.clone(),
-                metrics.clone(),
-                (settings.timeout, settings.lockout_timeout),
-            ));
-            // Connects at start, then probes while Redis is down.
-            let probed = shared.clone();
-            let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            server.add_service(background_service(
-                "redis probe",
-                background::every(store::shared::PROBE_INTERVAL, move || {
-                    let (store, started) = (probed.clone(), started.clone());
-                    async move {
-                        let first = !started.swap(true, std::sync::atomic::Ordering::Relaxed);
-                        if first || store.degraded() {
-                            store.probe().await;
-                        }
-                    }
-                }),
-            ));
-            shared
-        }
+/// The counter store: `memory`, or Redis with `memory` as its fallback and a probe that
+/// connects at start and then while Redis is down.
+fn shared_store(
+    server: &mut Server,
+    config: &Config,
+    memory: &Arc<store::memory::MemoryStore>,
+    health: &Arc<store::shared::StoreHealth>,
+    metrics: &Arc<metrics::Metrics>,
+) -> Result<Arc<dyn store::Store>, BuildError> {
+    let Some(endpoint) = &config.redis else {
+        return Ok(memory.clone());
     };
-    let gateway = proxy::Gateway::new(state.clone(), metrics.clone(), store);
-    let heads = Arc::new(proxy::HeadJudge::new(state.clone(), metrics.clone()));
-    let listen = config.server.listen.to_string();
-    let keepalive = config.server.keepalive_timeout;
-    let tls = config.tls.clone();
-    let watch_interval = config.server.watch_interval;
-    for u in &config.upstreams {
-        if u.tls.as_ref().is_some_and(|t| !t.verify) {
-            tracing::warn!(upstream = %u.name, "TLS certificate verification is OFF for this upstream");
-        }
-    }
-    let admin_listen = config.server.admin_listen.to_string();
-    let admin_token = config.server.admin_token.clone();
-    let reloader = Arc::new(reload::Reloader::new(
-        config,
-        state,
-        memory,
+    let redis = store::redis::RedisStore::new(endpoint.clone()).map_err(|e| {
+        BuildError::Redis(format!("{}: store.redis_url: {e}", config.path.display()))
+    })?;
+    let shared = Arc::new(store::shared::SharedStore::new(
+        redis,
+        memory.clone(),
+        health.clone(),
         metrics.clone(),
+        (endpoint.timeout, endpoint.lockout_timeout),
     ));
+    let probed = shared.clone();
+    let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
     server.add_service(background_service(
-        "reload on SIGHUP",
-        reload::OnSignal::new(reloader.clone()),
+        "redis probe",
+        background::every(store::shared::PROBE_INTERVAL, move || {
+            let (store, started) = (probed.clone(), started.clone());
+            async move {
+                let first = !started.swap(true, std::sync::atomic::Ordering::Relaxed);
+                if first || store.degraded() {
+                    store.probe().await;
+                }
+            }
+        }),
     ));
+    Ok(shared)
+}
 
+/// The public service: plain HTTP/1 through the small connection task, and TLS (HTTP/1 and
+/// HTTP/2 by ALPN) with its certificate watcher.
+fn public_service(
+    server: &mut Server,
+    config: &Config,
+    gateway: proxy::Gateway,
+    heads: Arc<proxy::HeadJudge>,
+) -> Result<Service<connection::Connections<pingora::proxy::HttpProxy<proxy::Gateway>>>, BuildError>
+{
+    let keepalive = config.server.keepalive_timeout;
     let mut http = pingora::proxy::http_proxy(&server.configuration, gateway);
     // HTTP/2 connections idle as long as HTTP/1 ones (no streams open for that long).
     let mut options = pingora::apps::HttpServerOptions::default();
@@ -207,8 +245,9 @@ pub fn build_server(
     let mut proxy = Service::new("get2dial-gateway".to_string(), app);
     // Plain HTTP/1 reads go straight into Pingora's own request buffers; an L4 read buffer
     // (64 KiB by default) would only add a copy and most of an idle connection's memory.
+    let listen = config.server.listen.to_string();
     proxy.add_listener(ListenerConfig::tcp(listen).l4_buffer(L4BufferSettings::default().read(0)));
-    if let Some(tls) = &tls {
+    if let Some(tls) = &config.tls {
         let mut settings =
             TlsSettings::intermediate("", "").map_err(|e| BuildError::Tls(e.to_string()))?;
         settings.set_cert_resolver(tls.certificates.clone());
@@ -220,19 +259,11 @@ pub fn build_server(
         let certificates = tls.certificates.clone();
         server.add_service(background_service(
             "certificate watcher",
-            background::every(watch_interval, move || {
+            background::every(config.server.watch_interval, move || {
                 certificates.reload_if_changed();
                 std::future::ready(())
             }),
         ));
     }
-    server.add_service(proxy);
-
-    let admin_app = admin::Admin::new(metrics, health, reloader, admin_token);
-    let mut admin = Service::new("admin".to_string(), admin_app);
-    admin.add_tcp(&admin_listen);
-    server.add_service(admin);
-
-    extra(&mut server);
-    Ok(server)
+    Ok(proxy)
 }

@@ -28,12 +28,12 @@ pub struct CertSource {
 
 /// A loaded set of certificates; the first is the default when no name matches.
 #[derive(Debug)]
-struct Store {
+struct Loaded {
     entries: Vec<(Vec<String>, Arc<CertifiedKey>)>,
 }
 
-impl Store {
-    fn load(sources: &[CertSource]) -> Result<Store, String> {
+impl Loaded {
+    fn load(sources: &[CertSource]) -> Result<Loaded, String> {
         if sources.is_empty() {
             return Err("at least one certificate is required".into());
         }
@@ -48,7 +48,7 @@ impl Store {
                 Ok((names, Arc::new(certified_key(s)?)))
             })
             .collect::<Result<Vec<_>, String>>()?;
-        Ok(Store { entries })
+        Ok(Loaded { entries })
     }
 
     fn pick(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
@@ -98,14 +98,14 @@ fn certified_key(s: &CertSource) -> Result<CertifiedKey, String> {
 #[derive(Debug)]
 pub struct Certificates {
     sources: Mutex<Vec<CertSource>>,
-    store: ArcSwap<Store>,
+    store: ArcSwap<Loaded>,
     modified: Mutex<Vec<Option<SystemTime>>>,
 }
 
 impl Certificates {
     /// Loads every source; the error names the file.
     pub fn load(sources: Vec<CertSource>) -> Result<Certificates, String> {
-        let store = Store::load(&sources)?;
+        let store = Loaded::load(&sources)?;
         let modified = mtimes(&sources);
         Ok(Certificates {
             sources: Mutex::new(sources),
@@ -138,7 +138,7 @@ impl Certificates {
         if now == *modified {
             return;
         }
-        match Store::load(&sources) {
+        match Loaded::load(&sources) {
             Ok(store) => {
                 self.store.store(Arc::new(store));
                 tracing::info!(certificates = sources.len(), "TLS certificates reloaded");

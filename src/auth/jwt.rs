@@ -14,9 +14,9 @@ use super::{Identity, Rejection, Role};
 /// Longest `tid` / `sub` accepted, in bytes.
 const MAX_ID_BYTES: usize = 256;
 
-/// What the verifier needs from the configuration.
+/// The token profile the verifier holds tokens to: secrets, issuer, audience, leeway, size, cache.
 #[derive(Clone)]
-pub struct Settings {
+pub struct Profile {
     /// Active secrets, newest first; each at least 16 bytes.
     pub secrets: Vec<Vec<u8>>,
     /// Required `iss`.
@@ -31,9 +31,9 @@ pub struct Settings {
     pub cache_entries: usize,
 }
 
-impl std::fmt::Debug for Settings {
+impl std::fmt::Debug for Profile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Settings")
+        f.debug_struct("Profile")
             .field(
                 "secrets",
                 &format_args!("[{} redacted]", self.secrets.len()),
@@ -77,7 +77,7 @@ struct Claims {
 
 impl Verifier {
     /// A verifier for `settings`.
-    pub fn new(settings: &Settings) -> Verifier {
+    pub fn new(settings: &Profile) -> Verifier {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.algorithms = vec![Algorithm::HS256];
         validation.set_issuer(&[settings.issuer.as_str()]);
@@ -195,8 +195,8 @@ mod tests {
 
     const SECRET: &[u8] = b"unit-test-secret-0123456789";
 
-    fn settings() -> Settings {
-        Settings {
+    fn settings() -> Profile {
+        Profile {
             secrets: vec![SECRET.to_vec()],
             issuer: "get2dial".into(),
             audience: "get2dial-control".into(),

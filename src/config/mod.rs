@@ -64,7 +64,7 @@ pub struct Config {
     /// get their store slots when a [`crate::state::State`] is built from them.
     pub routes: Vec<Route>,
     /// User token settings, when any route needs them.
-    pub jwt: Option<jwt::Settings>,
+    pub jwt: Option<jwt::Profile>,
     /// Header names for the verified identity.
     pub identity_headers: IdentityHeaders,
     /// Lockout parameters shared by every login route.
@@ -72,7 +72,7 @@ pub struct Config {
     /// Settings shared by every rate limit.
     pub limits: Limits,
     /// Where shared counters live: `None` in memory, `Some` in Redis.
-    pub redis: Option<crate::store::redis::Settings>,
+    pub redis: Option<crate::store::redis::Endpoint>,
     /// Log settings.
     pub log: FileLog,
     /// The TLS listener, if any.

@@ -201,7 +201,7 @@ impl Validator<'_> {
         &self,
         file: Option<&FileJwt>,
         routes: &[Route],
-    ) -> Result<Option<jwt::Settings>, ConfigError> {
+    ) -> Result<Option<jwt::Profile>, ConfigError> {
         let needs_jwt = routes
             .iter()
             .position(|r| matches!(r.auth, Mode::Jwt | Mode::JwtQuery));
@@ -353,7 +353,7 @@ impl Validator<'_> {
             .map_err(|_| self.err(key, format!("`{value}` is not a valid header name")))
     }
 
-    fn jwt(&self, j: &FileJwt) -> Result<jwt::Settings, ConfigError> {
+    fn jwt(&self, j: &FileJwt) -> Result<jwt::Profile, ConfigError> {
         if j.secrets.is_empty() {
             return Err(self.err("jwt.secrets", "at least one secret source is required"));
         }
@@ -368,7 +368,7 @@ impl Validator<'_> {
         if !(256..=65_536).contains(&j.max_token_bytes) {
             return Err(self.err("jwt.max_token_bytes", "must be between 256 and 65536"));
         }
-        Ok(jwt::Settings {
+        Ok(jwt::Profile {
             secrets,
             issuer: j.issuer.clone(),
             audience: j.audience.clone(),

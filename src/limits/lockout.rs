@@ -13,7 +13,7 @@ use std::borrow::Cow;
 
 use serde::Deserialize;
 
-use crate::store::{Lock, LockoutPolicy, Reservation, Settlement, Store, Ticket};
+use crate::store::{Lock, LockPolicy, Reservation, Settlement, Store, Ticket};
 
 /// Longest email accepted (RFC 5321 path limit).
 const MAX_EMAIL_BYTES: usize = 320;
@@ -114,9 +114,9 @@ pub fn normalise_domain(domain: &str) -> String {
 #[derive(Debug, Clone)]
 pub struct Guard {
     /// Per account: `max_failures` guesses.
-    pub account: LockoutPolicy,
+    pub account: LockPolicy,
     /// Per email across every domain.
-    pub email: LockoutPolicy,
+    pub email: LockPolicy,
     /// Upstream statuses that use a guess up.
     pub failure_statuses: Vec<u16>,
 }

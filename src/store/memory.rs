@@ -13,7 +13,7 @@ use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
 
-use super::{Limit, Lock, LockoutPolicy, RateDecision, Reservation, Settlement, Store, Ticket};
+use super::{Limit, Lock, LockPolicy, RateDecision, Reservation, Settlement, Store, Ticket};
 
 thread_local! {
     /// The key of the rate check in progress on this thread.
@@ -258,7 +258,7 @@ impl MemoryStore {
     }
 
     /// One key's reservation, for tests and benches.
-    pub fn reserve_now(&self, key: &str, policy: &LockoutPolicy) -> Reservation {
+    pub fn reserve_now(&self, key: &str, policy: &LockPolicy) -> Reservation {
         self.reserve_all(&[Lock {
             key,
             policy,
@@ -272,7 +272,7 @@ impl MemoryStore {
         key: &str,
         ticket: Ticket,
         outcome: Settlement,
-        policy: &LockoutPolicy,
+        policy: &LockPolicy,
     ) -> bool {
         let lock = Lock {
             key,
@@ -316,7 +316,7 @@ fn settle_one(
     locked
 }
 
-fn fail(entry: &mut Entry, now: Instant, policy: &LockoutPolicy) -> bool {
+fn fail(entry: &mut Entry, now: Instant, policy: &LockPolicy) -> bool {
     if entry.locked_until.is_some() {
         return false;
     }
@@ -376,8 +376,8 @@ fn make_room(locks: &mut HashMap<Box<str>, Entry>, now: Instant) {
 mod tests {
     use super::*;
 
-    fn policy() -> LockoutPolicy {
-        LockoutPolicy {
+    fn policy() -> LockPolicy {
+        LockPolicy {
             max_failures: 3,
             lock: Duration::from_millis(300),
             reservation_ttl: Duration::from_secs(10),
@@ -446,7 +446,7 @@ mod tests {
     fn a_guess_is_reserved_under_every_key_or_none() {
         let s = MemoryStore::new();
         let (one, three) = (
-            LockoutPolicy {
+            LockPolicy {
                 max_failures: 1,
                 ..policy()
             },

@@ -45,9 +45,10 @@ pub struct RateDecision {
     pub reset: Duration,
 }
 
-/// Lockout parameters.
+/// The rules one lockout key is held to (the login guard holds an account and its email to
+/// different ones: [`crate::limits::lockout::Guard`]).
 #[derive(Debug, Clone)]
-pub struct LockoutPolicy {
+pub struct LockPolicy {
     /// Failed guesses that lock the key.
     pub max_failures: u32,
     /// How long a lock lasts, and how long failures are remembered after the last one.
@@ -66,7 +67,7 @@ pub struct Lock<'a> {
     /// The key.
     pub key: &'a str,
     /// Its policy.
-    pub policy: &'a LockoutPolicy,
+    pub policy: &'a LockPolicy,
     /// Shared by every key of the operation.
     pub tag: &'a str,
 }

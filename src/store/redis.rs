@@ -108,9 +108,9 @@ end
 return any
 "#;
 
-/// How to reach Redis.
+/// How to reach Redis, and how long to wait for it.
 #[derive(Clone)]
-pub struct Settings {
+pub struct Endpoint {
     /// Connection URL (`redis://`, `rediss://`, with user and password when needed).
     pub url: String,
     /// PEM CA bundle for `rediss://` servers with a private CA.
@@ -127,10 +127,10 @@ pub struct Settings {
     pub lockout_timeout: Duration,
 }
 
-impl std::fmt::Debug for Settings {
+impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The URL may carry a password.
-        f.debug_struct("Settings")
+        f.debug_struct("Endpoint")
             .field("url", &"[redacted]")
             .field("key_prefix", &self.key_prefix)
             .field("pool_size", &self.pool_size)
@@ -142,7 +142,7 @@ impl std::fmt::Debug for Settings {
 /// Rate limits and lockouts in Redis.
 pub struct RedisStore {
     client: Client,
-    config: Settings,
+    config: Endpoint,
     connections: OnceCell<Vec<ConnectionManager>>,
     next: AtomicUsize,
     gcra: Script,
@@ -152,7 +152,7 @@ pub struct RedisStore {
 
 impl RedisStore {
     /// A store for `settings`; connections are made on first use.
-    pub fn new(settings: Settings) -> redis::RedisResult<RedisStore> {
+    pub fn new(settings: Endpoint) -> redis::RedisResult<RedisStore> {
         let client = match &settings.ca_pem {
             Some(pem) => Client::build_with_tls(
                 settings.url.as_str(),

@@ -16,7 +16,7 @@ use crate::limits::lockout::Guard;
 use crate::limits::ratelimit::{KeyKind, Policy};
 use crate::metrics::Handles;
 use crate::routes::Route;
-use crate::store::{Limit, LockoutPolicy};
+use crate::store::{Limit, LockPolicy};
 
 /// What every route is checked against: the upstreams, and what login routes' lockouts are
 /// made of.
@@ -310,7 +310,7 @@ impl Validator<'_> {
 /// be running any more: every timeout of one attempt, plus margin.
 fn guard(context: &RouteContext<'_>, upstream: &Upstream) -> Guard {
     let lockout = context.lockout;
-    let policy = |max_failures| LockoutPolicy {
+    let policy = |max_failures| LockPolicy {
         max_failures,
         lock: lockout.lock,
         reservation_ttl: upstream.connect_timeout

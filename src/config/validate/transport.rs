@@ -178,7 +178,7 @@ impl Validator<'_> {
     pub(super) fn redis(
         &self,
         st: &FileStore,
-    ) -> Result<crate::store::redis::Settings, ConfigError> {
+    ) -> Result<crate::store::redis::Endpoint, ConfigError> {
         let Some(source) = &st.redis_url else {
             return Err(self.err("store.redis_url", "required when kind = \"redis\""));
         };
@@ -226,7 +226,7 @@ impl Validator<'_> {
         if st.key_prefix.is_empty() || st.key_prefix.contains(char::is_whitespace) {
             return Err(self.err("store.key_prefix", "must be non-empty, without spaces"));
         }
-        Ok(crate::store::redis::Settings {
+        Ok(crate::store::redis::Endpoint {
             url,
             ca_pem,
             key_prefix: st.key_prefix.clone(),
