@@ -107,6 +107,10 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.server.work_stealing != new.server.work_stealing {
         changed.push("server.work_stealing");
     }
+    let token = |c: &Config| c.server.admin_token.as_ref().map(|t| t.0.clone());
+    if token(old) != token(new) {
+        changed.push("server.admin_token");
+    }
     let store = |c: &Config| {
         c.redis
             .as_ref()
