@@ -4,7 +4,7 @@
 use http::header::{self, HeaderName};
 
 /// Headers no client may send upstream (besides the configured identity headers).
-const ALWAYS: [HeaderName; 5] = [
+static ALWAYS: [HeaderName; 5] = [
     HeaderName::from_static("x-original-url"),
     HeaderName::from_static("x-rewrite-url"),
     HeaderName::from_static("x-http-method-override"),
@@ -13,7 +13,7 @@ const ALWAYS: [HeaderName; 5] = [
 ];
 
 /// Headers only a trusted proxy may send upstream.
-const FROM_TRUSTED_ONLY: [HeaderName; 10] = [
+static FROM_TRUSTED_ONLY: [HeaderName; 10] = [
     header::FORWARDED,
     HeaderName::from_static("x-forwarded-host"),
     HeaderName::from_static("x-forwarded-port"),
@@ -27,7 +27,7 @@ const FROM_TRUSTED_ONLY: [HeaderName; 10] = [
 ];
 
 /// Headers the gateway sets on every forwarded request.
-const SET_BY_GATEWAY: [HeaderName; 3] = [
+static SET_BY_GATEWAY: [HeaderName; 3] = [
     HeaderName::from_static("x-request-id"),
     HeaderName::from_static("x-forwarded-for"),
     HeaderName::from_static("x-forwarded-proto"),

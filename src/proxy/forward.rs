@@ -97,7 +97,8 @@ pub(super) fn upstream_request(
             headers.insert(X_REAL_IP, value);
         }
     }
-    if !headers.contains_key(X_FORWARDED_HOST) {
+    // From an untrusted peer it was dropped above: no lookup needed.
+    if !trusted || !headers.contains_key(X_FORWARDED_HOST) {
         let host = headers.get(header::HOST).cloned().or_else(|| {
             let authority = upstream_request.uri.authority()?;
             HeaderValue::from_str(authority.as_str()).ok()
