@@ -35,6 +35,8 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     /// Request heads refused before routing, by reason.
     pub heads_refused: IntCounterVec,
+    /// `gateway_config_last_reload_successful`: 1 unless the last reload was refused.
+    pub last_reload_ok: prometheus::IntGauge,
     /// Upgraded connections (WebSocket) by route, counted when they end.
     pub upgraded: IntCounterVec,
     /// How long upgraded connections lasted, by route.
@@ -175,6 +177,42 @@ impl Metrics {
         registry.register(Box::new(store_degraded.clone()))?;
         registry.register(Box::new(config_reloads.clone()))?;
         registry.register(Box::new(heads_refused.clone()))?;
+        let last_reload_ok = prometheus::IntGauge::new(
+            "gateway_config_last_reload_successful",
+            "1 when the last configuration reload succeeded (or none was tried), 0 when it was refused.",
+        )?;
+        last_reload_ok.set(1);
+        registry.register(Box::new(last_reload_ok.clone()))?;
+        // CPU, resident memory, open descriptors and start time of this process.
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        // Every labelled series an alert or a panel reads exists at 0 from the start, so that
+        // `increase()` sees its first event.
+        for result in ["success", "failure"] {
+            config_reloads.with_label_values(&[result]);
+        }
+        for outcome in [
+            "success",
+            "failure",
+            "locked",
+            "invalid_body",
+            "throttled",
+            "error",
+        ] {
+            login_attempts.with_label_values(&[outcome]);
+        }
+        for reason in [
+            "too_large",
+            "too_many_headers",
+            "malformed",
+            "connect",
+            "timeout",
+            "busy_client",
+            "busy",
+        ] {
+            heads_refused.with_label_values(&[reason]);
+        }
         registry.register(Box::new(upgraded.clone()))?;
         registry.register(Box::new(upgraded_duration.clone()))?;
         registry.register(Box::new(build_info))?;
@@ -192,6 +230,7 @@ impl Metrics {
             store_degraded,
             config_reloads,
             heads_refused,
+            last_reload_ok,
             upgraded,
             upgraded_duration,
         })

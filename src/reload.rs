@@ -51,6 +51,7 @@ impl Reloader {
             .config_reloads
             .with_label_values(&[label])
             .inc();
+        self.metrics.last_reload_ok.set(i64::from(result.is_ok()));
         match &result {
             Ok(()) => tracing::info!(file = %self.path.display(), "configuration reloaded"),
             Err(e) => {

@@ -47,6 +47,41 @@ fn reload_request() -> Vec<u8> {
 }
 
 #[test]
+fn series_that_alerts_read_exist_at_zero_from_the_start() {
+    let up = Upstream::start();
+    let gw = Gateway::start(&routes(&up, ""));
+    let m = parse_metrics(&gw.metrics());
+    for series in [
+        r#"gateway_config_reloads_total{result="failure"}"#,
+        r#"gateway_config_reloads_total{result="success"}"#,
+        r#"gateway_login_attempts_total{outcome="locked"}"#,
+        r#"gateway_request_heads_refused_total{reason="timeout"}"#,
+    ] {
+        assert_eq!(m.get(series), Some(&0.0), "{series}");
+    }
+    assert_eq!(m.get("gateway_config_last_reload_successful"), Some(&1.0));
+    assert!(m
+        .get("process_resident_memory_bytes")
+        .is_some_and(|v| *v > 1e6));
+    // A refused reload turns the gauge to 0 and counts from 0 to 1.
+    gw.rewrite_config("[[routes]]\nname = \"broken\"\n");
+    gw.signal("HUP");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = parse_metrics(&gw.metrics());
+        if m.get(r#"gateway_config_reloads_total{result="failure"}"#) == Some(&1.0) {
+            assert_eq!(m.get("gateway_config_last_reload_successful"), Some(&0.0));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the refused reload was not counted"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
 fn admin_actions_are_off_without_a_token() {
     let up = Upstream::start();
     let gw = Gateway::start(&routes(&up, ""));
@@ -383,7 +418,12 @@ fn promtool_accepts_a_real_scrape_and_the_dashboard_uses_only_real_metrics() {
         "gateway_store_fallbacks_total",
         "gateway_store_degraded",
         "gateway_config_reloads_total",
+        "gateway_config_last_reload_successful",
+        "gateway_request_heads_refused_total",
         "gateway_build_info",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
     ] {
         assert!(
             families.contains(expected),
