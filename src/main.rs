@@ -49,6 +49,10 @@ enum Command {
     CheckConfig {
         /// Path of the TOML configuration file.
         config: PathBuf,
+        /// Check secret sources (`env:NAME`, `file:PATH`) for their form only, without reading
+        /// them: for linting a file in CI, where the secrets are not.
+        #[arg(long)]
+        no_secrets: bool,
     },
     /// Run the gateway in front of a built-in stand-in of the Get2Dial API, which listens on the
     /// first server address of the first upstream.
@@ -82,7 +86,7 @@ fn main() -> ExitCode {
     let (config_path, demo, upgrade) = match cli.command {
         Command::Run { config, upgrade } => (config, false, upgrade),
         Command::Demo { config } => (config, true, false),
-        Command::CheckConfig { config } => return check_config(&config),
+        Command::CheckConfig { config, no_secrets } => return check_config(&config, no_secrets),
     };
     let config = match Config::load(&config_path) {
         Ok(c) => c,
@@ -136,8 +140,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn check_config(path: &std::path::Path) -> ExitCode {
-    match Config::load(path) {
+fn check_config(path: &std::path::Path, no_secrets: bool) -> ExitCode {
+    let loaded = if no_secrets {
+        Config::load_without_secrets(path)
+    } else {
+        Config::load(path)
+    };
+    match loaded {
         Ok(c) => {
             print!("{}", describe(&c));
             ExitCode::SUCCESS

@@ -27,6 +27,49 @@ fn check_config_accepts_the_documented_example() {
 }
 
 #[test]
+fn check_config_lints_without_the_secrets() {
+    // The example and the container configuration name secrets the CI has not got.
+    for file in ["config/gateway.toml", "deploy/gateway.container.toml"] {
+        let run = |extra: &[&str]| {
+            Command::new(BIN)
+                .arg("check-config")
+                .args(extra)
+                .arg(file)
+                .env_remove("GATEWAY_JWT_SECRET")
+                .env_remove("GATEWAY_REDIS_URL")
+                .output()
+                .unwrap()
+        };
+        let strict = run(&[]);
+        assert_eq!(strict.status.code(), Some(2), "{file}");
+        assert!(String::from_utf8_lossy(&strict.stderr).contains("is not set"));
+        let lint = run(&["--no-secrets"]);
+        assert!(
+            lint.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&lint.stderr)
+        );
+    }
+    // A secret written into the file is still an error, named.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.toml");
+    std::fs::write(
+        &path,
+        "[jwt]\nsecrets = [\"plain-text-secret-0123456789\"]\n[[upstreams]]\nname = \"a\"\n\
+         servers = [\"127.0.0.1:1\"]\n[[routes]]\nname = \"r\"\npath_prefix = \"/\"\n\
+         upstream = \"a\"\nauth = \"jwt\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", "--no-secrets"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("jwt.secrets[0]"));
+}
+
+#[test]
 fn check_config_names_the_file_and_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [

@@ -263,22 +263,37 @@ impl std::fmt::Debug for NodeKeys {
 impl Config {
     /// Reads, parses and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::read(path, true)
+    }
+
+    /// Like [`Config::load`], but secrets (`env:`/`file:` sources) are checked for their form
+    /// only and stand in as placeholders: for linting a file where the secrets are not (CI).
+    /// Such a configuration must not serve.
+    pub fn load_without_secrets(path: &Path) -> Result<Config, ConfigError> {
+        Config::read(path, false)
+    }
+
+    fn read(path: &Path, read_secrets: bool) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: path.to_owned(),
             key: String::new(),
             message: format!("cannot read the file: {e}"),
         })?;
-        Config::parse(&text, path)
+        Config::validate(&text, path, read_secrets)
     }
 
     /// Parses and validates `text`, reporting errors against `path`.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        Config::validate(text, path, true)
+    }
+
+    fn validate(text: &str, path: &Path, read_secrets: bool) -> Result<Config, ConfigError> {
         let file: file::FileConfig = toml::from_str(text).map_err(|e| ConfigError {
             file: path.to_owned(),
             key: String::new(),
             // toml's message names the key, the line and the column.
             message: e.to_string().trim_end().to_string(),
         })?;
-        validate::Validator { path }.validate(file)
+        validate::Validator { path, read_secrets }.validate(file)
     }
 }
