@@ -94,9 +94,13 @@ impl Answer {
     }
 
     /// Whether the connection may carry another request: not when part of this one (a body
-    /// over the cap, a head over the limits) was left unread.
+    /// over the cap, a head over the limits) was left unread, nor after a refused upgrade (the
+    /// client meant to leave HTTP on this connection).
     pub(super) fn keeps_alive(&self) -> bool {
-        !matches!(self, Answer::BodyTooLarge | Answer::HeadTooLarge)
+        !matches!(
+            self,
+            Answer::BodyTooLarge | Answer::HeadTooLarge | Answer::UpgradeNotAllowed
+        )
     }
 
     /// How this answer counts in `gateway_login_attempts_total` on a login route.
