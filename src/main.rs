@@ -180,8 +180,16 @@ fn describe(c: &Config) -> String {
             servers.join(","),
             u.connect_timeout,
             u.read_timeout,
-            u.health_check_interval
-                .map(|i| format!("  health check every {i:?}"))
+            u.health_check
+                .as_ref()
+                .map(|h| match &h.kind {
+                    get2dial_gateway::config::CheckKind::Tcp => {
+                        format!("  tcp health check every {:?}", h.interval)
+                    }
+                    get2dial_gateway::config::CheckKind::Http { path, .. } => {
+                        format!("  http health check GET {path} every {:?}", h.interval)
+                    }
+                })
                 .unwrap_or_default()
         );
     }

@@ -608,6 +608,55 @@ fn default_client_body_timeout() -> u64 {
     10_000
 }
 
+/// `health_check = { ... }` of an upstream as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileHealthCheck {
+    /// `http` (a GET of `path`) or `tcp` (a connect).
+    #[serde(default = "default_check_kind")]
+    pub kind: String,
+    /// Path of the HTTP check.
+    #[serde(default = "default_check_path")]
+    pub path: String,
+    /// Statuses that mean healthy.
+    #[serde(default = "default_expect_status")]
+    pub expect_status: Vec<u16>,
+    /// `Host` of the HTTP check (default: the upstream's `sni`, else its name).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// How often each server is checked.
+    #[serde(default = "default_check_interval")]
+    pub interval_ms: u64,
+    /// Longest wait for a check's connect and answer.
+    #[serde(default = "default_check_timeout")]
+    pub timeout_ms: u64,
+    /// Consecutive passed checks that make an unhealthy server healthy.
+    #[serde(default = "default_one")]
+    pub healthy_after: usize,
+    /// Consecutive failed checks that make a healthy server unhealthy.
+    #[serde(default = "default_one")]
+    pub unhealthy_after: usize,
+}
+
+fn default_check_kind() -> String {
+    "http".into()
+}
+fn default_check_path() -> String {
+    "/readyz".into()
+}
+fn default_expect_status() -> Vec<u16> {
+    vec![200]
+}
+fn default_check_interval() -> u64 {
+    5_000
+}
+fn default_check_timeout() -> u64 {
+    1_000
+}
+fn default_one() -> usize {
+    1
+}
+
 /// One `[[upstreams]]` entry as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -631,6 +680,9 @@ pub struct FileUpstream {
     /// Interval of the TCP health check; absent means every server counts as healthy.
     #[serde(default)]
     pub health_check_interval_ms: Option<u64>,
+    /// An HTTP (or TCP) health check with thresholds; instead of `health_check_interval_ms`.
+    #[serde(default)]
+    pub health_check: Option<FileHealthCheck>,
     /// Speak TLS to the servers.
     #[serde(default)]
     pub tls: bool,

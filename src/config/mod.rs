@@ -232,10 +232,41 @@ pub struct Upstream {
     pub write_timeout: Duration,
     /// Idle keep-alive timeout.
     pub idle_timeout: Duration,
-    /// Health check interval, if any.
-    pub health_check_interval: Option<Duration>,
+    /// Health check, if any.
+    pub health_check: Option<HealthCheck>,
     /// TLS to the servers, when configured.
     pub tls: Option<UpstreamTls>,
+}
+
+/// A validated health check of an upstream's servers.
+#[derive(Debug, Clone)]
+pub struct HealthCheck {
+    /// How each server is checked.
+    pub kind: CheckKind,
+    /// How often.
+    pub interval: Duration,
+    /// Longest wait for one check.
+    pub timeout: Duration,
+    /// Consecutive passes that make a server healthy again.
+    pub healthy_after: usize,
+    /// Consecutive failures that take a server out.
+    pub unhealthy_after: usize,
+}
+
+/// What a health check does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckKind {
+    /// A TCP connect (and TLS handshake, for a TLS upstream).
+    Tcp,
+    /// `GET path` with `Host: host`; healthy when the status is one of `expect_status`.
+    Http {
+        /// Request path.
+        path: String,
+        /// `Host` header.
+        host: String,
+        /// Statuses that mean healthy.
+        expect_status: Vec<u16>,
+    },
 }
 
 /// Validated upstream TLS.

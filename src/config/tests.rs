@@ -242,3 +242,60 @@ fn unsafe_prefix_is_refused() {
         assert_eq!(e.key, "routes[0].path_prefix", "{bad}");
     }
 }
+
+#[test]
+fn health_checks_are_checked() {
+    let with = |check: &str| {
+        parse(&MINIMAL.replace(
+            "servers = [\"127.0.0.1:8081\"]",
+            &format!("servers = [\"127.0.0.1:8081\"]\n{check}"),
+        ))
+    };
+    let c = with("health_check = { path = \"/readyz\", healthy_after = 2 }").unwrap();
+    let h = c.upstreams[0].health_check.as_ref().unwrap();
+    assert_eq!(
+        (h.healthy_after, h.unhealthy_after, h.interval),
+        (2, 1, Duration::from_secs(5))
+    );
+    assert!(
+        matches!(&h.kind, CheckKind::Http { path, host, expect_status }
+        if path == "/readyz" && host == "control" && expect_status == &[200])
+    );
+    let c = with("health_check_interval_ms = 100").unwrap();
+    assert_eq!(
+        c.upstreams[0].health_check.as_ref().unwrap().kind,
+        CheckKind::Tcp
+    );
+    for (check, key) in [
+        (
+            "health_check_interval_ms = 100\nhealth_check = { kind = \"tcp\" }",
+            "upstreams[0].health_check_interval_ms",
+        ),
+        (
+            "health_check = { kind = \"udp\" }",
+            "upstreams[0].health_check.kind",
+        ),
+        (
+            "health_check = { path = \"readyz\" }",
+            "upstreams[0].health_check.path",
+        ),
+        (
+            "health_check = { expect_status = [] }",
+            "upstreams[0].health_check.expect_status",
+        ),
+        (
+            "health_check = { expect_status = [99] }",
+            "upstreams[0].health_check.expect_status",
+        ),
+        (
+            "health_check = { interval_ms = 0 }",
+            "upstreams[0].health_check.interval_ms",
+        ),
+        (
+            "health_check = { unhealthy_after = 0 }",
+            "upstreams[0].health_check.unhealthy_after",
+        ),
+    ] {
+        assert_eq!(with(check).unwrap_err().key, key, "{check}");
+    }
+}

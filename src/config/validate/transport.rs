@@ -9,7 +9,9 @@ use http::{HeaderName, Method};
 
 use super::Validator;
 use crate::config::file::{FileCors, FileSecurity, FileStore, FileTls, FileUpstream};
-use crate::config::{ConfigError, Cors, Security, Tls, Upstream, UpstreamTls};
+use crate::config::{
+    CheckKind, ConfigError, Cors, HealthCheck, Security, Tls, Upstream, UpstreamTls,
+};
 
 impl Validator<'_> {
     /// `[[upstreams]]`.
@@ -41,15 +43,93 @@ impl Validator<'_> {
                 read_timeout: self.millis(&key("read_timeout_ms"), u.read_timeout_ms)?,
                 write_timeout: self.millis(&key("write_timeout_ms"), u.write_timeout_ms)?,
                 idle_timeout: self.millis(&key("idle_timeout_ms"), u.idle_timeout_ms)?,
-                health_check_interval: u
-                    .health_check_interval_ms
-                    .map(|ms| self.millis(&key("health_check_interval_ms"), ms))
-                    .transpose()?,
+                health_check: self.health_check(i, u)?,
                 tls: self.upstream_tls(i, u)?,
             });
         }
 
         Ok(upstreams)
+    }
+
+    /// An upstream's health check: `health_check = {...}`, or the TCP check of
+    /// `health_check_interval_ms`, or none.
+    fn health_check(&self, i: usize, u: &FileUpstream) -> Result<Option<HealthCheck>, ConfigError> {
+        let key = |k: &str| format!("upstreams[{i}].{k}");
+        let h = match (&u.health_check, u.health_check_interval_ms) {
+            (None, None) => return Ok(None),
+            (Some(_), Some(_)) => {
+                return Err(self.err(
+                    key("health_check_interval_ms"),
+                    "give health_check or health_check_interval_ms, not both",
+                ))
+            }
+            (None, Some(ms)) => {
+                return Ok(Some(HealthCheck {
+                    kind: CheckKind::Tcp,
+                    interval: self.millis(&key("health_check_interval_ms"), ms)?,
+                    timeout: self.millis(&key("connect_timeout_ms"), u.connect_timeout_ms)?,
+                    healthy_after: 1,
+                    unhealthy_after: 1,
+                }))
+            }
+            (Some(h), None) => h,
+        };
+        let kind = match h.kind.as_str() {
+            "tcp" => CheckKind::Tcp,
+            "http" => {
+                if !h.path.starts_with('/') || h.path.contains(char::is_whitespace) {
+                    return Err(self.err(
+                        key("health_check.path"),
+                        format!("`{}` must be a path starting with `/`", h.path),
+                    ));
+                }
+                if h.expect_status.is_empty()
+                    || h.expect_status.iter().any(|s| !(100..=599).contains(s))
+                {
+                    return Err(self.err(
+                        key("health_check.expect_status"),
+                        "give one or more statuses between 100 and 599",
+                    ));
+                }
+                let host = h
+                    .host
+                    .clone()
+                    .or_else(|| u.sni.clone())
+                    .unwrap_or_else(|| u.name.clone());
+                if http::HeaderValue::from_str(&host).is_ok() && !host.is_empty() {
+                    CheckKind::Http {
+                        path: h.path.clone(),
+                        host,
+                        expect_status: h.expect_status.clone(),
+                    }
+                } else {
+                    return Err(self.err(key("health_check.host"), "not a valid Host value"));
+                }
+            }
+            other => {
+                return Err(self.err(
+                    key("health_check.kind"),
+                    format!("`{other}` is not `http` or `tcp`"),
+                ))
+            }
+        };
+        Ok(Some(HealthCheck {
+            kind,
+            interval: self.millis(&key("health_check.interval_ms"), h.interval_ms)?,
+            timeout: self.millis(&key("health_check.timeout_ms"), h.timeout_ms)?,
+            healthy_after: self.within(
+                &key("health_check.healthy_after"),
+                h.healthy_after,
+                1,
+                100,
+            )?,
+            unhealthy_after: self.within(
+                &key("health_check.unhealthy_after"),
+                h.unhealthy_after,
+                1,
+                100,
+            )?,
+        }))
     }
 
     fn upstream_tls(&self, i: usize, u: &FileUpstream) -> Result<Option<UpstreamTls>, ConfigError> {
