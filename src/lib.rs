@@ -85,7 +85,7 @@ pub fn build_server(
         source: e,
     })?;
     let state = Arc::new(ArcSwap::from_pointee(state));
-    background_tasks(&mut server, &config, &state, &memory);
+    background_tasks(&mut server, &config, &state, &memory, &metrics);
     let health = Arc::new(store::shared::StoreHealth::default());
     let store = shared_store(&mut server, &config, &memory, &health, &metrics)?;
     for u in &config.upstreams {
@@ -151,6 +151,7 @@ fn background_tasks(
     config: &Config,
     state: &Arc<ArcSwap<state::State>>,
     memory: &Arc<store::memory::MemoryStore>,
+    metrics: &Arc<metrics::Metrics>,
 ) {
     let swept = memory.clone();
     server.add_service(background_service(
@@ -160,15 +161,21 @@ fn background_tasks(
             std::future::ready(())
         }),
     ));
-    let checked = state.clone();
+    let (checked, counted) = (state.clone(), metrics.clone());
     server.add_service(background_service(
         "upstream health checks",
         background::every(Duration::from_millis(50), move || {
             let pools = checked.load().pools.clone();
+            let metrics = counted.clone();
             async move {
                 let now = std::time::Instant::now();
                 for pool in pools {
                     pool.check_if_due(now).await;
+                    let healthy = i64::try_from(pool.healthy_servers()).unwrap_or(i64::MAX);
+                    metrics
+                        .healthy_servers
+                        .with_label_values(&[pool.name.as_str()])
+                        .set(healthy);
                 }
             }
         }),

@@ -37,6 +37,8 @@ pub struct Metrics {
     pub heads_refused: IntCounterVec,
     /// `gateway_config_last_reload_successful`: 1 unless the last reload was refused.
     pub last_reload_ok: prometheus::IntGauge,
+    /// `gateway_upstream_healthy_servers{upstream}`: servers in the rotation.
+    pub healthy_servers: IntGaugeVec,
     /// Upgraded connections (WebSocket) by route, counted when they end.
     pub upgraded: IntCounterVec,
     /// How long upgraded connections lasted, by route.
@@ -183,6 +185,15 @@ impl Metrics {
         )?;
         last_reload_ok.set(1);
         registry.register(Box::new(last_reload_ok.clone()))?;
+        let healthy_servers = IntGaugeVec::new(
+            Opts::new(
+                "gateway_upstream_healthy_servers",
+                "Servers of each upstream in the rotation (passing their health check; all of \
+                 them without one).",
+            ),
+            &["upstream"],
+        )?;
+        registry.register(Box::new(healthy_servers.clone()))?;
         // CPU, resident memory, open descriptors and start time of this process.
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -231,6 +242,7 @@ impl Metrics {
             config_reloads,
             heads_refused,
             last_reload_ok,
+            healthy_servers,
             upgraded,
             upgraded_duration,
         })

@@ -71,6 +71,16 @@ impl Pool {
         Some(Box::new(peer.clone()))
     }
 
+    /// How many of the servers are in the rotation now (all of them without a health check).
+    pub fn healthy_servers(&self) -> usize {
+        let backends = self.balancer.backends();
+        backends
+            .get_backend()
+            .iter()
+            .filter(|b| backends.ready(b))
+            .count()
+    }
+
     /// Runs the health check when it is due.
     pub async fn check_if_due(&self, now: Instant) {
         let Some(interval) = self.settings.health_check.as_ref().map(|c| c.interval) else {

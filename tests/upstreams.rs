@@ -10,7 +10,14 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::Gateway;
+use common::{parse_metrics, Gateway};
+
+fn healthy(gw: &Gateway) -> f64 {
+    parse_metrics(&gw.metrics())
+        .get(r#"gateway_upstream_healthy_servers{upstream="app"}"#)
+        .copied()
+        .unwrap_or(-1.0)
+}
 
 /// A server that names itself in every answer; its `/readyz` answers 503 while `ready` is
 /// false. Counts the health checks it got.
@@ -129,11 +136,13 @@ fn an_http_health_check_takes_a_failing_server_out_and_brings_it_back() {
     eventually("B is checked", || b.checks.load(Ordering::SeqCst) >= 2);
     thread::sleep(Duration::from_millis(100));
     assert_eq!(spread(&gw, 20), (20, 0));
+    eventually("one server counted healthy", || healthy(&gw) == 1.0);
     // B recovers: after two passed checks it takes its share again.
     b.ready.store(true, Ordering::SeqCst);
     eventually("B is back in the rotation", || spread(&gw, 4).1 > 0);
     let (from_a, from_b) = spread(&gw, 20);
     assert!(from_a >= 5 && from_b >= 5, "{from_a} / {from_b}");
+    eventually("two servers counted healthy", || healthy(&gw) == 2.0);
     // A fails its check: every request goes to B, none fails.
     a.ready.store(false, Ordering::SeqCst);
     eventually("A is out", || spread(&gw, 6) == (0, 6));
@@ -151,6 +160,7 @@ fn every_server_failing_its_check_is_503_and_tcp_checks_remain() {
     eventually("A is checked", || a.checks.load(Ordering::SeqCst) >= 1);
     eventually("A is out", || gw.get("/x").status == 503);
     gw.get("/x").assert_envelope(503, "service unavailable");
+    eventually("no server counted healthy", || healthy(&gw) == 0.0);
     drop(gw);
 
     // A TCP check only asks for a connection: the same server counts as healthy.
