@@ -126,6 +126,8 @@ pub struct Guard {
 pub struct Guess {
     account_key: String,
     email_key: String,
+    /// The hash tag both keys were reserved under.
+    tag: String,
     ticket: Ticket,
 }
 
@@ -163,7 +165,7 @@ impl Guard {
     /// trip to Redis): both or neither.
     pub async fn reserve(&self, store: &dyn Store, account: &Account) -> Result<Guess, Refusal> {
         let (account_key, email_key) = (account.key(), account.email_key());
-        let tag = escape(&account.email);
+        let tag = escape(&account.email).into_owned();
         let locks = [
             Lock {
                 key: &account_key,
@@ -180,6 +182,7 @@ impl Guard {
             Reservation::Granted(ticket) => Ok(Guess {
                 account_key,
                 email_key,
+                tag,
                 ticket,
             }),
             refused => Err(Refusal::from(refused)),
@@ -205,18 +208,12 @@ impl Guard {
             Settlement::Success => Settlement::Refund,
             other => other,
         };
-        // The email is in both keys, escaped; its own escape is the tag of both.
-        let tag = guess
-            .email_key
-            .strip_prefix("e:")
-            .unwrap_or(&guess.email_key)
-            .to_string();
         let locks = [
             (
                 Lock {
                     key: &guess.account_key,
                     policy: &self.account,
-                    tag: &tag,
+                    tag: &guess.tag,
                 },
                 outcome,
             ),
@@ -224,7 +221,7 @@ impl Guard {
                 Lock {
                     key: &guess.email_key,
                     policy: &self.email,
-                    tag: &tag,
+                    tag: &guess.tag,
                 },
                 email_outcome,
             ),

@@ -238,19 +238,7 @@ fn rate_key<'a>(
         // throttle another's. Length-prefixed, so no two pairs share a key.
         (KeyKind::User, Some(id)) => {
             let (tid, sub) = (id.tenant.as_bytes(), id.user.as_bytes());
-            // The length in decimal without the formatting machinery (~1k instructions).
-            let mut digits = [0u8; 20];
-            let mut n = tid.len();
-            let mut at = digits.len();
-            loop {
-                at -= 1;
-                digits[at] = b'0' + (n % 10) as u8;
-                n /= 10;
-                if n == 0 {
-                    break;
-                }
-            }
-            buf.extend_from_slice(&digits[at..]);
+            crate::client_ip::push_decimal(buf, tid.len() as u64);
             buf.push(b':');
             buf.extend_from_slice(tid);
             buf.push(b':');

@@ -145,7 +145,7 @@ impl ProxyHttp for Gateway {
         self.identify(session, ctx);
         let state = ctx.state.clone();
         if let Some(cors) = &state.cors {
-            if self.is_preflight(session, ctx, cors) {
+            if is_preflight(session) {
                 ctx.label = "cors_preflight";
                 return self.preflight(session, ctx, cors).await;
             }
@@ -404,16 +404,6 @@ impl Gateway {
         }
     }
 
-    /// A CORS preflight: `OPTIONS` with an `Origin` and `Access-Control-Request-Method`.
-    fn is_preflight(&self, session: &Session, _ctx: &Ctx, _cors: &crate::config::Cors) -> bool {
-        let req = session.req_header();
-        req.method == http::Method::OPTIONS
-            && req.headers.contains_key(header::ORIGIN)
-            && req
-                .headers
-                .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
-    }
-
     /// Settles a reserved login guess by what the upstream said (see [`lockout::Guard`]).
     async fn settle_login(&self, guess: Guess, ctx: &Ctx) {
         let Some(guard) = ctx.route.as_ref().and_then(|r| r.login.as_ref()) else {
@@ -447,6 +437,16 @@ impl Gateway {
             .with_label_values(&[route.name.as_str(), upstream, kind])
             .inc();
     }
+}
+
+/// A CORS preflight: `OPTIONS` with an `Origin` and `Access-Control-Request-Method`.
+fn is_preflight(session: &Session) -> bool {
+    let req = session.req_header();
+    req.method == http::Method::OPTIONS
+        && req.headers.contains_key(header::ORIGIN)
+        && req
+            .headers
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
 }
 
 /// The client as the access log writes it: the address, or the unknown hop's text.
