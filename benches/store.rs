@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use get2dial_gateway::store::memory::MemoryStore;
-use get2dial_gateway::store::redis::{Endpoint, RedisStore};
-use get2dial_gateway::store::{Limit, Lock, LockPolicy, Reservation, Settlement};
+use get2dial_gateway::store::redis::{Endpoint, RedisStore, Topology};
+use get2dial_gateway::store::{Limit, Lock, LockPolicy, RateCheck, Reservation, Settlement};
 
 struct Server(Child);
 
@@ -86,7 +86,7 @@ fn stores(c: &mut Criterion) {
         return;
     };
     let redis = RedisStore::new(Endpoint {
-        url: format!("redis://127.0.0.1:{port}"),
+        topology: Topology::Single(format!("redis://127.0.0.1:{port}")),
         ca_pem: None,
         key_prefix: "bench".into(),
         pool_size: 1,
@@ -95,10 +95,20 @@ fn stores(c: &mut Criterion) {
         lockout_timeout: Duration::from_secs(1),
     })
     .expect("a redis client");
-    runtime.block_on(redis.ping()).expect("redis answers");
+    runtime.block_on(redis.probe()).expect("redis answers");
+    let one = [RateCheck {
+        limit: &limit,
+        key: "user-1",
+    }];
     g.bench_function("redis_rate_check", |b| {
         b.to_async(&runtime)
-            .iter(|| async { redis.rate_check(&limit, "user-1").await.expect("redis") })
+            .iter(|| async { redis.rate_check(&one).await.expect("redis") })
+    });
+    // Three policies of one request: still one script, one round trip.
+    let three = [one[0], one[0], one[0]];
+    g.bench_function("redis_rate_check_three_policies", |b| {
+        b.to_async(&runtime)
+            .iter(|| async { redis.rate_check(&three).await.expect("redis") })
     });
     let mut ticket = 0u64;
     g.bench_function("redis_reserve_settle", |b| {
@@ -112,7 +122,8 @@ fn stores(c: &mut Criterion) {
                     policy,
                     tag: "a@example.com",
                 };
-                if let Reservation::Granted(t) = redis.reserve(&[lock], t).await.expect("redis") {
+                let (reserved, _) = redis.reserve(&[lock], &[0], t).await.expect("redis");
+                if let Reservation::Granted(t) = reserved {
                     redis
                         .settle(&[(lock, Settlement::Refund)], t)
                         .await

@@ -57,6 +57,30 @@ impl Admin {
     }
 }
 
+impl Admin {
+    /// `/readyz`: always 200 while serving. Degraded still serves: the in-process store
+    /// stands in for Redis, so taking the replica out of rotation would only make things
+    /// worse. With Redis, what the last probe saw of it.
+    fn readiness(&self) -> Vec<u8> {
+        let mut data = serde_json::json!({
+            "status": if self.store.degraded() { "degraded" } else { "ready" },
+        });
+        if let Some((seen, kind)) = self.store.seen() {
+            data["store"] = serde_json::json!({
+                "kind": kind,
+                "in_use": if self.store.degraded() { "in-process fallback" } else { "redis" },
+                "masters": seen.masters,
+                "replicas": seen.replicas,
+                "master": seen.master,
+            });
+        } else if self.store.degraded() {
+            data["store"] = serde_json::json!({ "in_use": "in-process fallback" });
+        }
+        serde_json::to_vec(&serde_json::json!({ "status": "success", "data": data }))
+            .unwrap_or_default()
+    }
+}
+
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
@@ -117,19 +141,7 @@ impl ServeHttp for Admin {
                 envelope::CONTENT_TYPE,
                 br#"{"status":"success","data":{"status":"ok"}}"#.to_vec(),
             ),
-            // Degraded still serves: the in-process store stands in for Redis, so taking the
-            // replica out of rotation would only make things worse.
-            (true, "/readyz") if self.store.degraded() => reply(
-                StatusCode::OK,
-                envelope::CONTENT_TYPE,
-                br#"{"status":"success","data":{"status":"degraded","store":"in-process fallback"}}"#
-                    .to_vec(),
-            ),
-            (true, "/readyz") => reply(
-                StatusCode::OK,
-                envelope::CONTENT_TYPE,
-                br#"{"status":"success","data":{"status":"ready"}}"#.to_vec(),
-            ),
+            (true, "/readyz") => reply(StatusCode::OK, envelope::CONTENT_TYPE, self.readiness()),
             (false, "/metrics" | "/healthz" | "/readyz") => reply(
                 StatusCode::METHOD_NOT_ALLOWED,
                 envelope::CONTENT_TYPE,

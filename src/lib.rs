@@ -195,7 +195,7 @@ fn background_tasks(
 }
 
 /// The counter store: `memory`, or Redis with `memory` as its fallback and a probe that
-/// connects at start and then while Redis is down.
+/// keeps checking it (a keyed script every 500 ms).
 fn shared_store(
     server: &mut Server,
     config: &Config,
@@ -207,7 +207,7 @@ fn shared_store(
         return Ok(memory.clone());
     };
     let redis = store::redis::RedisStore::new(endpoint.clone()).map_err(|e| {
-        BuildError::Redis(format!("{}: store.redis_url: {e}", config.path.display()))
+        BuildError::Redis(format!("{}: [store]: {e}", config.path.display()))
     })?;
     let shared = Arc::new(store::shared::SharedStore::new(
         redis,
@@ -215,19 +215,16 @@ fn shared_store(
         health.clone(),
         metrics.clone(),
         (endpoint.timeout, endpoint.lockout_timeout),
+        endpoint.topology.kind(),
     ));
+    // Always on: it brings Redis back after an outage, takes it out of use when it stops
+    // answering between requests, and keeps the topology on /readyz and in metrics current.
     let probed = shared.clone();
-    let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
     server.add_service(background_service(
         "redis probe",
         background::every(store::shared::PROBE_INTERVAL, move || {
-            let (store, started) = (probed.clone(), started.clone());
-            async move {
-                let first = !started.swap(true, std::sync::atomic::Ordering::Relaxed);
-                if first || store.degraded() {
-                    store.probe().await;
-                }
-            }
+            let store = probed.clone();
+            async move { store.probe().await }
         }),
     ));
     Ok(shared)

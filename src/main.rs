@@ -169,7 +169,7 @@ fn describe(c: &Config) -> String {
         c.server.listen,
         c.server.admin_listen,
         c.server.threads,
-        if c.redis.is_some() { "redis" } else { "memory" }
+        c.redis.as_ref().map_or("memory", |r| r.topology.kind())
     );
     for u in &c.upstreams {
         let servers: Vec<String> = u.servers.iter().map(|s| s.to_string()).collect();

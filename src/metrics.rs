@@ -31,6 +31,10 @@ pub struct Metrics {
     pub store_fallbacks: IntCounter,
     /// `gateway_store_degraded`: 1 while the in-process fallback stands in for Redis.
     pub store_degraded: prometheus::IntGauge,
+    /// `gateway_store_duration_seconds{op}`: Redis round trips (rate, reserve, settle, probe).
+    pub store_duration: HistogramVec,
+    /// `gateway_store_nodes{role}`: Redis masters and replicas answering, per the last probe.
+    pub store_nodes: IntGaugeVec,
     /// `gateway_config_reloads_total{result}`: reloads by result (success, failure).
     pub config_reloads: IntCounterVec,
     /// Request heads refused before routing, by reason.
@@ -116,6 +120,31 @@ impl Metrics {
             "gateway_store_degraded",
             "1 while the in-process store stands in for an unavailable Redis, else 0.",
         )?;
+        let store_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "gateway_store_duration_seconds",
+                "Redis store round trips by operation: rate (every policy of a request), \
+                 reserve and settle (a login guess), probe; timeouts count at their deadline.",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0,
+            ]),
+            &["op"],
+        )?;
+        for op in ["rate", "reserve", "settle", "probe"] {
+            store_duration.with_label_values(&[op]);
+        }
+        let store_nodes = IntGaugeVec::new(
+            Opts::new(
+                "gateway_store_nodes",
+                "Redis nodes answering by role (master, replica), as the last probe saw them.",
+            ),
+            &["role"],
+        )?;
+        for role in ["master", "replica"] {
+            store_nodes.with_label_values(&[role]);
+        }
         let config_reloads = IntCounterVec::new(
             Opts::new(
                 "gateway_config_reloads_total",
@@ -177,6 +206,8 @@ impl Metrics {
         registry.register(Box::new(lockouts.clone()))?;
         registry.register(Box::new(store_fallbacks.clone()))?;
         registry.register(Box::new(store_degraded.clone()))?;
+        registry.register(Box::new(store_duration.clone()))?;
+        registry.register(Box::new(store_nodes.clone()))?;
         registry.register(Box::new(config_reloads.clone()))?;
         registry.register(Box::new(heads_refused.clone()))?;
         let last_reload_ok = prometheus::IntGauge::new(
@@ -239,6 +270,8 @@ impl Metrics {
             lockouts,
             store_fallbacks,
             store_degraded,
+            store_duration,
+            store_nodes,
             config_reloads,
             heads_refused,
             last_reload_ok,

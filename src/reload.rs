@@ -115,7 +115,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     let store = |c: &Config| {
         c.redis
             .as_ref()
-            .map(|r| (r.url.clone(), r.key_prefix.clone()))
+            .map(|r| (r.topology.clone(), r.key_prefix.clone()))
     };
     if store(old) != store(new) {
         changed.push("store");

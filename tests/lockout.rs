@@ -232,7 +232,7 @@ rate_limit = {{ key = "ip", per_minute = 1, burst = 4 }}
     assert_eq!(outcome(&m, "throttled"), 1.0);
 }
 
-both_stores!(
+every_store!(
     strict_bodies_never_reach_the_upstream,
     ten_failures_lock_for_everyone_and_every_password,
     a_hundred_parallel_guesses_let_at_most_ten_through,

@@ -248,7 +248,7 @@ fn allowed_answers_carry_ratelimit_headers_when_configured(b: &Backend) {
     assert_eq!(get(&gw, "/api/v1/public/x", &[]).header("ratelimit"), None);
 }
 
-both_stores!(
+every_store!(
     burst_then_429_with_headers,
     users_and_tenants_have_their_own_quotas,
     forwarded_for_is_ignored_from_untrusted_peers,

@@ -216,25 +216,35 @@ fn default_true() -> bool {
 
 /// Where shared counters live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "kebab-case")]
 pub enum StoreKind {
     /// In this process.
     #[default]
     Memory,
-    /// In Redis, shared by every replica.
+    /// In one Redis server, shared by every replica.
     Redis,
+    /// In a Redis Cluster (`redis_urls` are seed nodes).
+    RedisCluster,
+    /// In the master that Redis Sentinels name (`redis_urls` are the Sentinels).
+    RedisSentinel,
 }
 
 /// `[store]` as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileStore {
-    /// `memory` or `redis`.
+    /// `memory`, `redis`, `redis-cluster` or `redis-sentinel`.
     #[serde(default)]
     pub kind: StoreKind,
     /// `redis://host:port/db`, `rediss://...`; with credentials only as `env:NAME` / `file:PATH`.
     #[serde(default)]
     pub redis_url: Option<String>,
+    /// Cluster seed nodes or Sentinels, each written like `redis_url`.
+    #[serde(default)]
+    pub redis_urls: Vec<String>,
+    /// The master's name in the Sentinels' configuration.
+    #[serde(default)]
+    pub master_name: Option<String>,
     /// PEM CA bundle for `rediss://` servers signed by a private CA.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
@@ -261,6 +271,8 @@ impl Default for FileStore {
         FileStore {
             kind: StoreKind::Memory,
             redis_url: None,
+            redis_urls: Vec::new(),
+            master_name: None,
             ca_file: None,
             key_prefix: default_key_prefix(),
             pool_size: default_pool_size(),

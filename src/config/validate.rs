@@ -93,7 +93,9 @@ impl Validator<'_> {
         let security = self.security(&file.security)?;
         let redis = match file.store.kind {
             StoreKind::Memory => None,
-            StoreKind::Redis => Some(self.redis(&file.store)?),
+            StoreKind::Redis | StoreKind::RedisCluster | StoreKind::RedisSentinel => {
+                Some(self.redis(&file.store)?)
+            }
         };
         Ok(Config {
             path: self.path.to_owned(),

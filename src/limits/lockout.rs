@@ -65,16 +65,7 @@ impl Account {
     }
 }
 
-fn escape(s: &str) -> Cow<'_, str> {
-    if !s.contains(['{', '}', '%']) {
-        return Cow::Borrowed(s);
-    }
-    Cow::Owned(
-        s.replace('%', "%25")
-            .replace('{', "%7B")
-            .replace('}', "%7D"),
-    )
-}
+use crate::store::tag_safe as escape;
 
 /// The account of a login body. `None` when the body is not a JSON object of exactly
 /// `{email, password[, tenant_domain]}` with string values (an array, duplicate or unknown

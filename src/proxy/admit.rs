@@ -21,6 +21,7 @@ use crate::limits::ratelimit::{self, KeyKind, Policy};
 use crate::path;
 use crate::routes::{Match, Route};
 use crate::state::State;
+use crate::store::RateCheck;
 
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
@@ -46,19 +47,33 @@ impl Gateway {
         Ok(())
     }
 
-    /// Every rate-limit policy of the route must allow the request.
+    /// Every rate-limit policy of the route must allow the request; all of them are checked
+    /// in one store operation (one Redis round trip), in order.
     async fn rate_limits(&self, state: &State, route: &Route, ctx: &mut Ctx) -> Result<(), Answer> {
+        if route.rate_limits.is_empty() {
+            return Ok(());
+        }
+        let mut keyed: Vec<(&Policy, String)> = Vec::with_capacity(route.rate_limits.len());
         for policy in &route.rate_limits {
             let mut buf = Vec::new();
-            let Some(key) = rate_key(policy, ctx, state, &mut buf) else {
-                continue;
-            };
-            let decision = self.store.rate_check(&policy.limit, &key).await;
+            if let Some(key) = rate_key(policy, ctx, state, &mut buf) {
+                keyed.push((policy, key.into_owned()));
+            }
+        }
+        let checks: Vec<RateCheck<'_>> = keyed
+            .iter()
+            .map(|(policy, key)| RateCheck {
+                limit: &policy.limit,
+                key,
+            })
+            .collect();
+        let decisions = self.store.rate_check(&checks).await;
+        for ((policy, _), decision) in keyed.iter().zip(&decisions) {
             // Built only when they go out: a refusal, or success with the headers switched on.
             let headers = || {
                 [
                     (RATELIMIT_POLICY, ratelimit::policy_header(&policy.limit)),
-                    (RATELIMIT, ratelimit::state_header(&policy.limit, &decision)),
+                    (RATELIMIT, ratelimit::state_header(&policy.limit, decision)),
                 ]
             };
             if !decision.allowed {

@@ -13,7 +13,9 @@ use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
 
-use super::{Limit, Lock, LockPolicy, RateDecision, Reservation, Settlement, Store, Ticket};
+use super::{
+    Limit, Lock, LockPolicy, RateCheck, RateDecision, Reservation, Settlement, Store, Ticket,
+};
 
 thread_local! {
     /// The key of the rate check in progress on this thread.
@@ -45,6 +47,8 @@ struct Entry {
     locked_until: Option<Instant>,
     /// Guesses in flight and when each slot expires by itself.
     pending: Vec<(Ticket, Instant)>,
+    /// Failures counted here while the shared store was away, not yet added to it.
+    unsynced: u32,
 }
 
 impl Entry {
@@ -55,10 +59,12 @@ impl Entry {
             self.locked_until = None;
             self.failures = 0;
             self.forget_at = None;
+            self.unsynced = 0;
         }
         if self.forget_at.is_some_and(|t| t <= now) {
             self.failures = 0;
             self.forget_at = None;
+            self.unsynced = 0;
         }
         self.pending.retain(|(_, until)| *until > now);
     }
@@ -147,8 +153,8 @@ fn refill_time(limit: &Limit, remaining: u32) -> Duration {
 
 #[async_trait]
 impl Store for MemoryStore {
-    async fn rate_check(&self, limit: &Limit, key: &str) -> RateDecision {
-        self.rate_check_now(limit, key)
+    async fn rate_check(&self, checks: &[RateCheck<'_>]) -> Vec<RateDecision> {
+        self.rate_check_all(checks)
     }
 
     async fn reserve(&self, locks: &[Lock<'_>]) -> Reservation {
@@ -161,7 +167,20 @@ impl Store for MemoryStore {
 }
 
 impl MemoryStore {
-    /// [`Store::rate_check`] without the future: nothing here waits.
+    /// [`Store::rate_check`] without the future.
+    pub fn rate_check_all(&self, checks: &[RateCheck<'_>]) -> Vec<RateDecision> {
+        let mut decisions = Vec::with_capacity(checks.len());
+        for check in checks {
+            let d = self.rate_check_now(check.limit, check.key);
+            decisions.push(d);
+            if !d.allowed {
+                break;
+            }
+        }
+        decisions
+    }
+
+    /// One check, without the future: nothing here waits.
     pub fn rate_check_now(&self, limit: &Limit, key: &str) -> RateDecision {
         let limiters = self.limiters.load();
         let Some(limiter) = limiters.get(limit.id) else {
@@ -246,15 +265,89 @@ impl MemoryStore {
 
     /// [`Store::settle`] without the future.
     pub fn settle_all(&self, locks: &[(Lock<'_>, Settlement)], ticket: Ticket) -> bool {
+        self.settle_counted(locks, ticket, false)
+    }
+
+    /// [`Store::settle`] while standing in for the shared store: failures are also owed to
+    /// it ([`MemoryStore::owed`]).
+    pub fn settle_offline(&self, locks: &[(Lock<'_>, Settlement)], ticket: Ticket) -> bool {
+        self.settle_counted(locks, ticket, true)
+    }
+
+    fn settle_counted(
+        &self,
+        locks: &[(Lock<'_>, Settlement)],
+        ticket: Ticket,
+        offline: bool,
+    ) -> bool {
         let now = Instant::now();
         let Ok(mut table) = self.locks.lock() else {
             return false;
         };
         let mut locked = false;
         for (lock, outcome) in locks {
-            locked |= settle_one(&mut table, lock, ticket, *outcome, now);
+            locked |= settle_one(&mut table, lock, ticket, *outcome, now, offline);
         }
         locked
+    }
+
+    /// The longest lock this replica knows of on any of `locks` (seen in the shared store or
+    /// made here): kept through a shared-store outage, so one never unlocks an account.
+    pub fn known_lock(&self, locks: &[Lock<'_>]) -> Option<Duration> {
+        let now = Instant::now();
+        let table = self.locks.lock().ok()?;
+        locks
+            .iter()
+            .filter_map(|l| table.get(l.key)?.locked_until)
+            .filter(|until| *until > now)
+            .max()
+            .map(|until| until - now)
+    }
+
+    /// Failures counted here while the shared store was away, per key of `locks`.
+    pub fn owed(&self, locks: &[Lock<'_>]) -> Vec<u32> {
+        let Ok(table) = self.locks.lock() else {
+            return vec![0; locks.len()];
+        };
+        locks
+            .iter()
+            .map(|l| table.get(l.key).map_or(0, |e| e.unsynced))
+            .collect()
+    }
+
+    /// Takes the shared store's word on `locks` (failures, lock time left) after it was paid
+    /// `paid` owed failures: this replica's copy, for when the shared store is away.
+    pub fn mirror(&self, locks: &[Lock<'_>], paid: &[u32], states: &[(u32, Duration)]) {
+        let now = Instant::now();
+        let Ok(mut table) = self.locks.lock() else {
+            return;
+        };
+        for (i, (lock, (failures, lock_left))) in locks.iter().zip(states).enumerate() {
+            let paid = paid.get(i).copied().unwrap_or(0);
+            let known = table.get(lock.key).is_some_and(|e| !e.is_idle());
+            if !known && *failures == 0 && lock_left.is_zero() {
+                // Nothing to remember: keep the table to keys that matter.
+                continue;
+            }
+            if !known && table.len() >= lock.policy.max_entries {
+                make_room(&mut table, now);
+                if table.len() >= lock.policy.max_entries {
+                    continue;
+                }
+            }
+            let entry = table.entry(lock.key.into()).or_default();
+            entry.expire(now);
+            entry.unsynced = entry.unsynced.saturating_sub(paid);
+            entry.failures = failures.saturating_add(entry.unsynced);
+            entry.forget_at = (entry.failures > 0).then(|| now + lock.policy.lock);
+            if !lock_left.is_zero() {
+                let until = now + *lock_left;
+                entry.locked_until = Some(entry.locked_until.map_or(until, |t| t.max(until)));
+            }
+            if entry.is_idle() {
+                table.remove(lock.key);
+            }
+        }
     }
 
     /// One key's reservation, for tests and benches.
@@ -290,6 +383,7 @@ fn settle_one(
     ticket: Ticket,
     outcome: Settlement,
     now: Instant,
+    offline: bool,
 ) -> bool {
     let Some(entry) = table.get_mut(lock.key) else {
         // Swept meanwhile (its slot expired): a late failure still counts.
@@ -297,15 +391,16 @@ fn settle_one(
             return false;
         }
         let entry = table.entry(lock.key.into()).or_default();
-        return fail(entry, now, lock.policy);
+        return fail(entry, now, lock.policy, offline);
     };
     entry.expire(now);
     entry.pending.retain(|(t, _)| *t != ticket);
     let locked = match outcome {
-        Settlement::Failure => fail(entry, now, lock.policy),
+        Settlement::Failure => fail(entry, now, lock.policy, offline),
         Settlement::Success => {
             entry.failures = 0;
             entry.forget_at = None;
+            entry.unsynced = 0;
             false
         }
         Settlement::Refund => false,
@@ -316,11 +411,14 @@ fn settle_one(
     locked
 }
 
-fn fail(entry: &mut Entry, now: Instant, policy: &LockPolicy) -> bool {
+fn fail(entry: &mut Entry, now: Instant, policy: &LockPolicy, offline: bool) -> bool {
     if entry.locked_until.is_some() {
         return false;
     }
     entry.failures += 1;
+    if offline {
+        entry.unsynced += 1;
+    }
     entry.forget_at = Some(now + policy.lock);
     if entry.failures >= policy.max_failures {
         entry.locked_until = Some(now + policy.lock);
@@ -394,6 +492,78 @@ mod tests {
     }
 
     #[test]
+    fn policies_are_checked_in_order_and_the_first_refusal_ends_the_run() {
+        let mut a = Limit {
+            id: 0,
+            name: "a".into(),
+            interval: Duration::from_secs(60),
+            burst: 2,
+        };
+        let mut b = Limit {
+            id: 0,
+            name: "b".into(),
+            interval: Duration::from_secs(60),
+            burst: 1,
+        };
+        let s = MemoryStore::new();
+        s.register(&mut [&mut a, &mut b]);
+        let checks = [
+            RateCheck { limit: &b, key: "k" },
+            RateCheck { limit: &a, key: "k" },
+        ];
+        let first = s.rate_check_all(&checks);
+        assert!(first.len() == 2 && first.iter().all(|d| d.allowed));
+        // `b` refuses: `a` is not checked, so not counted.
+        let second = s.rate_check_all(&checks);
+        assert_eq!(second.len(), 1);
+        assert!(!second[0].allowed);
+        assert!(s.rate_check_now(&a, "k").allowed, "a still has its second unit");
+    }
+
+    #[test]
+    fn a_mirrored_lock_holds_and_offline_failures_are_owed() {
+        let s = MemoryStore::new();
+        let p = LockPolicy {
+            max_failures: 10,
+            lock: Duration::from_secs(60),
+            reservation_ttl: Duration::from_secs(10),
+            max_entries: 100,
+        };
+        let lock = Lock {
+            key: "acct",
+            policy: &p,
+            tag: "acct",
+        };
+        // The shared store said: 7 failures, no lock.
+        s.mirror(&[lock], &[], &[(7, Duration::ZERO)]);
+        assert_eq!(s.known_lock(&[lock]), None);
+        // Away: this replica counts on from 7 and owes what it counted.
+        for _ in 0..2 {
+            let Reservation::Granted(t) = s.reserve_all(&[lock]) else {
+                panic!("refused below the bound");
+            };
+            s.settle_offline(&[(lock, Settlement::Failure)], t);
+        }
+        assert_eq!(s.owed(&[lock]), vec![2]);
+        // Back: the shared store took the 2 (now 9 there) and says so.
+        s.mirror(&[lock], &[2], &[(9, Duration::ZERO)]);
+        assert_eq!(s.owed(&[lock]), vec![0]);
+        let Reservation::Granted(t) = s.reserve_all(&[lock]) else {
+            panic!("the tenth guess is allowed");
+        };
+        assert!(s.settle_offline(&[(lock, Settlement::Failure)], t));
+        // A lock seen in the shared store outlives the shared store forgetting it.
+        let other = Lock {
+            key: "other",
+            policy: &p,
+            tag: "other",
+        };
+        s.mirror(&[other], &[], &[(10, Duration::from_secs(60))]);
+        s.mirror(&[other], &[], &[(0, Duration::ZERO)]);
+        assert!(s.known_lock(&[other]).is_some_and(|d| d > Duration::from_secs(50)));
+    }
+
+    #[test]
     fn gcra_burst_then_refuse() {
         let mut limit = Limit {
             id: 0,
@@ -405,18 +575,18 @@ mod tests {
         s.register(&mut [&mut limit]);
         block_on(async {
             for i in 0..5 {
-                let d = s.rate_check(&limit, "k").await;
+                let d = s.rate_check_now(&limit, "k");
                 assert!(d.allowed, "request {}", i + 1);
                 assert_eq!(d.remaining, 4 - i);
             }
-            let d = s.rate_check(&limit, "k").await;
+            let d = s.rate_check_now(&limit, "k");
             assert!(!d.allowed);
             assert!(
                 d.retry_after > Duration::from_secs(55),
                 "{:?}",
                 d.retry_after
             );
-            assert!(s.rate_check(&limit, "other").await.allowed);
+            assert!(s.rate_check_now(&limit, "other").allowed);
         });
     }
 
@@ -591,7 +761,7 @@ mod tests {
                 failures: 10,
                 forget_at: Some(later),
                 locked_until: Some(later),
-                pending: Vec::new(),
+                ..Entry::default()
             };
             locks.insert(format!("locked{i}").into(), locked);
             let busy = Entry {

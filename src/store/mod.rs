@@ -8,6 +8,7 @@ pub mod memory;
 pub mod redis;
 pub mod shared;
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -30,6 +31,15 @@ impl Limit {
     pub fn window(&self) -> Duration {
         self.interval * self.burst
     }
+}
+
+/// One rate-limit check of a request: a policy and the key it counts.
+#[derive(Debug, Clone, Copy)]
+pub struct RateCheck<'a> {
+    /// The policy.
+    pub limit: &'a Limit,
+    /// What it counts (a client address, a user, a tenant).
+    pub key: &'a str,
 }
 
 /// The outcome of one rate-limit check.
@@ -100,8 +110,9 @@ pub enum Settlement {
 /// Counters shared by everything that must agree on them.
 #[async_trait]
 pub trait Store: Send + Sync {
-    /// Checks (and on success, counts) one request against `limit` for `key`.
-    async fn rate_check(&self, limit: &Limit, key: &str) -> RateDecision;
+    /// Checks `checks` in order, counting each allowed one, and stops at the first refusal
+    /// (as checking them one by one would): one decision per check made, the refusal last.
+    async fn rate_check(&self, checks: &[RateCheck<'_>]) -> Vec<RateDecision>;
 
     /// Reserves one guess under every one of `locks`, atomically: granted on all of them, or
     /// on none (then the first refusal says why).
@@ -110,4 +121,17 @@ pub trait Store: Send + Sync {
     /// Settles a guess reserved under `locks`, each by its own outcome, atomically; true when
     /// this locked any of them.
     async fn settle(&self, locks: &[(Lock<'_>, Settlement)], ticket: Ticket) -> bool;
+}
+
+/// `s` with `{`, `}` and `%` escaped, so that a Redis Cluster hash tag around it stays whole
+/// whatever a client put in it (an email, a subject).
+pub fn tag_safe(s: &str) -> Cow<'_, str> {
+    if !s.contains(['{', '}', '%']) {
+        return Cow::Borrowed(s);
+    }
+    Cow::Owned(
+        s.replace('%', "%25")
+            .replace('{', "%7B")
+            .replace('}', "%7D"),
+    )
 }

@@ -1,5 +1,6 @@
-//! The shared store: rate limits and lockouts in Redis, each operation one atomic Lua script
-//! (one round trip), with keys that expire by themselves.
+//! The shared store: rate limits and lockouts in Redis (one server, a Cluster, or the master
+//! Sentinel names), each operation one atomic Lua script (one round trip), with keys that
+//! expire by themselves.
 //!
 //! The scripts implement exactly the memory store's semantics: governor's GCRA
 //! (`t` = interval, `tau` = `t * (burst - 1)`, a key's value is its theoretical arrival time),
@@ -8,33 +9,48 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, Script};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+use redis::{
+    AsyncConnectionConfig, Client, ErrorKind, FromRedisValue, IntoConnectionInfo, RedisError,
+    Script, ScriptInvocation, ServerErrorKind,
+};
 use tokio::sync::OnceCell;
 
-use super::{Limit, Lock, RateDecision, Reservation, Settlement, Ticket};
+use super::{Lock, RateCheck, RateDecision, Reservation, Settlement, Ticket};
 
-/// GCRA. KEYS[1] = bucket; ARGV = interval µs, tau µs. Returns {allowed, remaining, wait µs}.
+/// GCRA for every policy of one request, in order, as if checked one by one: each allowed
+/// check is counted before the next is made, and the first refusal ends the run. KEYS = one
+/// bucket per check; ARGV = interval µs, tau µs for each. Returns {allowed, remaining,
+/// wait µs} for each check made.
 const GCRA: &str = r#"
-local t = tonumber(ARGV[1])
-local tau = tonumber(ARGV[2])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-local tat = tonumber(redis.call('GET', KEYS[1])) or now
-local earliest = tat - tau
-if now < earliest then
-  return {0, 0, earliest - now}
+local out = {}
+for i = 1, #KEYS do
+  local t = tonumber(ARGV[2 * i - 1])
+  local tau = tonumber(ARGV[2 * i])
+  local tat = tonumber(redis.call('GET', KEYS[i])) or now
+  local earliest = tat - tau
+  if now < earliest then
+    out[#out + 1] = 0; out[#out + 1] = 0; out[#out + 1] = earliest - now
+    return out
+  end
+  local nxt = math.max(tat, now) + t
+  -- The bucket is full again at `nxt`: from then on a missing key means the same.
+  redis.call('SET', KEYS[i], string.format('%.0f', nxt), 'PX', math.ceil((nxt - now) / 1000) + 1)
+  out[#out + 1] = 1; out[#out + 1] = math.floor((now + tau + t - nxt) / t); out[#out + 1] = 0
 end
-local nxt = math.max(tat, now) + t
--- The bucket is full again at `nxt`: from then on a missing key means the same.
-redis.call('SET', KEYS[1], string.format('%.0f', nxt), 'PX', math.ceil((nxt - now) / 1000) + 1)
-return {1, math.floor((now + tau + t - nxt) / t), 0}
+return out
 "#;
 
-/// Shared head of both lockout scripts: the time, and `load`, which reads one key's state
-/// (KEYS pair: state hash {f = failures, forget = ms, locked = ms}, pending tickets) with its
-/// expiries applied. A script handles every key of one operation, so all of them change in one
-/// atomic step and one round trip.
+/// Shared head of both lockout scripts: the time; `load`, which reads one key's state (KEYS
+/// pair: state hash {f = failures, forget = ms, locked = ms}, pending tickets) with its
+/// expiries applied; `fail`, which counts `n` failures; and `report`, what the caller mirrors
+/// (failures, ms the lock has left). A script handles every key of one operation, so all of
+/// them change in one atomic step and one round trip.
 const LOCK_STATE: &str = r#"
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
@@ -54,35 +70,65 @@ local function load(s, p)
   redis.call('ZREMRANGEBYSCORE', p, '-inf', now)
   return f, locked
 end
+local function fail(s, f, n, max, lock)
+  f = f + n
+  if f >= max then
+    redis.call('HSET', s, 'f', f, 'forget', now + lock, 'locked', now + lock)
+    redis.call('PEXPIREAT', s, now + lock)
+    return f, now + lock, 1
+  end
+  redis.call('HSET', s, 'f', f, 'forget', now + lock)
+  redis.call('PEXPIREAT', s, now + lock)
+  return f, 0, 0
+end
+local function report(out, f, locked)
+  out[#out + 1] = f
+  out[#out + 1] = math.max(locked - now, 0)
+end
 "#;
 
-/// KEYS = state, pending for each key; ARGV = ticket, then max failures and reservation ttl ms
-/// for each key. All keys or none. Returns {granted, wait ms}.
+/// KEYS = state, pending for each key; ARGV = ticket, then max failures, reservation ttl ms,
+/// lock ms and failures counted while Redis was away (added first) for each key. All keys or
+/// none. Returns {granted, wait ms, then failures and lock ms left for each key}.
 const RESERVE: &str = r#"
 local n = #KEYS / 2
+local fs, lks = {}, {}
+local granted, wait = 1, 0
 for i = 1, n do
   local s, p = KEYS[2 * i - 1], KEYS[2 * i]
+  local max, lock, owed = tonumber(ARGV[4 * i - 2]), tonumber(ARGV[4 * i]), tonumber(ARGV[4 * i + 1])
   local f, locked = load(s, p)
-  if locked > now then
-    return {0, locked - now}
+  if owed > 0 and locked <= now then
+    f, locked = fail(s, f, owed, max, lock)
   end
-  if f + redis.call('ZCARD', p) >= tonumber(ARGV[2 * i]) then
-    return {0, 1000}
+  fs[i], lks[i] = f, locked
+  if granted == 1 then
+    if locked > now then
+      granted, wait = 0, locked - now
+    elseif f + redis.call('ZCARD', p) >= max then
+      granted, wait = 0, 1000
+    end
   end
 end
-for i = 1, n do
-  local p = KEYS[2 * i]
-  local ttl = tonumber(ARGV[2 * i + 1])
-  redis.call('ZADD', p, now + ttl, ARGV[1])
-  redis.call('PEXPIRE', p, ttl)
+if granted == 1 then
+  for i = 1, n do
+    local p = KEYS[2 * i]
+    local ttl = tonumber(ARGV[4 * i - 1])
+    redis.call('ZADD', p, now + ttl, ARGV[1])
+    redis.call('PEXPIRE', p, ttl)
+  end
 end
-return {1, 0}
+local out = {granted, wait}
+for i = 1, n do report(out, fs[i], lks[i]) end
+return out
 "#;
 
 /// KEYS = state, pending for each key; ARGV = ticket, then outcome (f, s, r), max failures and
-/// lock ms for each key. Returns 1 when this locked any key.
+/// lock ms for each key. Returns {1 when this locked any key, then failures and lock ms left
+/// for each key}.
 const SETTLE: &str = r#"
 local any = 0
+local out = {0}
 for i = 1, #KEYS / 2 do
   local s, p = KEYS[2 * i - 1], KEYS[2 * i]
   local f, locked = load(s, p)
@@ -93,31 +139,65 @@ for i = 1, #KEYS / 2 do
   if outcome == 's' then
     if locked == 0 then
       redis.call('DEL', s)
+      f = 0
     end
   elseif outcome == 'f' and locked <= now then
-    f = f + 1
-    if f >= max then
-      redis.call('HSET', s, 'f', f, 'forget', now + lock, 'locked', now + lock)
-      any = 1
-    else
-      redis.call('HSET', s, 'f', f, 'forget', now + lock)
-    end
-    redis.call('PEXPIREAT', s, now + lock)
+    local now_locked
+    f, locked, now_locked = fail(s, f, 1, max, lock)
+    any = math.max(any, now_locked)
   end
+  report(out, f, locked)
 end
-return any
+out[1] = any
+return out
 "#;
+
+/// The health probe: a keyed write and read on the node that owns `KEYS[1]`, so it proves
+/// what a request needs (a master that takes scripts and writes), not just a reachable port.
+const PROBE: &str = r#"
+redis.call('SET', KEYS[1], ARGV[1], 'PX', 10000)
+return redis.call('GET', KEYS[1])
+"#;
+
+/// Which Redis deployment holds the counters.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Topology {
+    /// One server (or a proxy that looks like one).
+    Single(String),
+    /// A Redis Cluster, discovered from these seed nodes; the client follows slot moves and
+    /// failovers by itself.
+    Cluster(Vec<String>),
+    /// The master these Sentinels name `master`, asked again whenever the link to it breaks.
+    Sentinel {
+        /// The Sentinels' URLs.
+        sentinels: Vec<String>,
+        /// The monitored master's name.
+        master: String,
+    },
+}
+
+impl Topology {
+    /// The `[store] kind` this is.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Topology::Single(_) => "redis",
+            Topology::Cluster(_) => "redis-cluster",
+            Topology::Sentinel { .. } => "redis-sentinel",
+        }
+    }
+}
 
 /// How to reach Redis, and how long to wait for it.
 #[derive(Clone)]
 pub struct Endpoint {
-    /// Connection URL (`redis://`, `rediss://`, with user and password when needed).
-    pub url: String,
+    /// Where the servers are (URLs: `redis://`, `rediss://`, with user and password when
+    /// needed).
+    pub topology: Topology,
     /// PEM CA bundle for `rediss://` servers with a private CA.
     pub ca_pem: Option<Vec<u8>>,
     /// Prefix of every key.
     pub key_prefix: String,
-    /// Multiplexed connections, used round-robin.
+    /// Multiplexed connections to a single server, used round-robin.
     pub pool_size: usize,
     /// TCP (and TLS) connect timeout.
     pub connect_timeout: Duration,
@@ -129,9 +209,9 @@ pub struct Endpoint {
 
 impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The URL may carry a password.
+        // The URLs may carry a password.
         f.debug_struct("Endpoint")
-            .field("url", &"[redacted]")
+            .field("kind", &self.topology.kind())
             .field("key_prefix", &self.key_prefix)
             .field("pool_size", &self.pool_size)
             .field("timeout", &self.timeout)
@@ -139,94 +219,326 @@ impl std::fmt::Debug for Endpoint {
     }
 }
 
+/// One rate check's bucket: its key and its GCRA parameters.
+struct Bucket {
+    key: String,
+    /// Hash tag of the key (its slot in a Redis Cluster).
+    tag: String,
+    t: u64,
+    tau: u64,
+}
+
+/// What a lockout script reports about one key, for the replica's own copy.
+pub type KeyState = (u32, Duration);
+
+/// What a topology probe found: servers answering, and the master in use (Sentinel).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Seen {
+    /// Masters that answer (a single server counts as one).
+    pub masters: usize,
+    /// Replicas that answer, where the topology tells.
+    pub replicas: usize,
+    /// The master's address, where one is chosen for us (Sentinel).
+    pub master: Option<String>,
+}
+
+/// The open link to the deployment.
+enum Link {
+    Single(Vec<ConnectionManager>),
+    Cluster(ClusterConnection),
+    Sentinel(SentinelLink),
+}
+
+/// The Sentinel's current master and the way to ask for it again.
+struct SentinelLink {
+    sentinel: tokio::sync::Mutex<SentinelClient>,
+    master: std::sync::RwLock<Option<(MultiplexedConnection, String)>>,
+    config: AsyncConnectionConfig,
+}
+
+impl SentinelLink {
+    /// The connection to the master, asking the Sentinels for it when there is none.
+    async fn master(&self) -> redis::RedisResult<MultiplexedConnection> {
+        if let Some((c, _)) = self.current() {
+            return Ok(c);
+        }
+        let mut sentinel = self.sentinel.lock().await;
+        // Another request may have asked meanwhile.
+        if let Some((c, _)) = self.current() {
+            return Ok(c);
+        }
+        let client = sentinel.async_get_client().await?;
+        let addr = client.get_connection_info().addr().to_string();
+        let c = client
+            .get_multiplexed_async_connection_with_config(&self.config)
+            .await?;
+        tracing::info!(master = %addr, "redis sentinel: using master");
+        if let Ok(mut m) = self.master.write() {
+            *m = Some((c.clone(), addr));
+        }
+        Ok(c)
+    }
+
+    fn current(&self) -> Option<(MultiplexedConnection, String)> {
+        self.master.read().ok().and_then(|m| m.clone())
+    }
+
+    /// Drops the master after an error that says it may no longer be one (connection lost,
+    /// timeout, `READONLY` after a failover); the next operation asks the Sentinels.
+    fn check(&self, e: &RedisError) {
+        let moved = e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || e.is_timeout()
+            || e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly)
+            || matches!(e.code(), Some("READONLY" | "MASTERDOWN" | "LOADING"));
+        if moved {
+            if let Ok(mut m) = self.master.write() {
+                *m = None;
+            }
+        }
+    }
+}
+
 /// Rate limits and lockouts in Redis.
 pub struct RedisStore {
-    client: Client,
     config: Endpoint,
-    connections: OnceCell<Vec<ConnectionManager>>,
+    /// What the link is made from (validated at start).
+    client: Maker,
+    link: OnceCell<Link>,
     next: AtomicUsize,
     gcra: Script,
     reserve: Script,
     settle: Script,
+    probe: Script,
+    /// Key of this replica's probe.
+    probe_key: String,
+}
+
+/// The client a link is made from.
+enum Maker {
+    Single(Client),
+    Cluster(ClusterClient),
+    Sentinel(std::sync::Mutex<Option<SentinelClient>>),
 }
 
 impl RedisStore {
     /// A store for `settings`; connections are made on first use.
     pub fn new(settings: Endpoint) -> redis::RedisResult<RedisStore> {
-        let client = match &settings.ca_pem {
-            Some(pem) => Client::build_with_tls(
-                settings.url.as_str(),
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem.clone()),
-                },
-            )?,
-            None => Client::open(settings.url.as_str())?,
+        let certs = || {
+            settings.ca_pem.as_ref().map(|pem| redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.clone()),
+            })
         };
+        let client = match &settings.topology {
+            Topology::Single(url) => Maker::Single(match certs() {
+                Some(c) => Client::build_with_tls(url.as_str(), c)?,
+                None => Client::open(url.as_str())?,
+            }),
+            Topology::Cluster(urls) => {
+                let mut b = ClusterClient::builder(urls.iter().map(String::as_str))
+                    .connection_timeout(settings.connect_timeout)
+                    .response_timeout(settings.timeout.max(settings.lockout_timeout))
+                    // Each operation has its own deadline (`SharedStore`); retries follow slot
+                    // moves and failovers within it.
+                    .retries(3)
+                    .min_retry_wait(10)
+                    .max_retry_wait(200);
+                if let Some(c) = certs() {
+                    b = b.certs(c);
+                }
+                Maker::Cluster(b.build()?)
+            }
+            Topology::Sentinel { sentinels, master } => {
+                let first = sentinels.first().ok_or_else(|| {
+                    RedisError::from((ErrorKind::InvalidClientConfig, "no sentinel"))
+                })?;
+                // The master is reached with the first Sentinel URL's credentials, database
+                // and TLS mode.
+                let info = first.as_str().into_connection_info()?;
+                let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
+                let mut node = SentinelNodeConnectionInfo::default()
+                    .set_redis_connection_info(info.redis_settings().clone());
+                if tls {
+                    node = node.set_tls_mode(redis::TlsMode::Secure);
+                }
+                let client = SentinelClient::build(
+                    sentinels.iter().map(String::as_str).collect(),
+                    master.as_str(),
+                    Some(node),
+                    SentinelServerType::Master,
+                )?;
+                Maker::Sentinel(std::sync::Mutex::new(Some(client)))
+            }
+        };
+        let probe_key = format!(
+            "{}:probe:{{{}}}",
+            settings.key_prefix,
+            uuid::Uuid::new_v4().simple()
+        );
         Ok(RedisStore {
-            client,
             config: settings,
-            connections: OnceCell::new(),
+            client,
+            link: OnceCell::new(),
             next: AtomicUsize::new(0),
             gcra: Script::new(GCRA),
             reserve: Script::new(&format!("{LOCK_STATE}{RESERVE}")),
             settle: Script::new(&format!("{LOCK_STATE}{SETTLE}")),
+            probe: Script::new(PROBE),
+            probe_key,
         })
     }
 
-    async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
-        let pool = self
-            .connections
+    /// The link, made on first use (and tried again on the next use when that failed).
+    async fn link(&self) -> redis::RedisResult<&Link> {
+        self.link
             .get_or_try_init(|| async {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(self.config.connect_timeout))
-                    // Each operation has its own deadline (see `SharedStore`); this is the
-                    // longest of them.
-                    .set_response_timeout(Some(
-                        self.config.timeout.max(self.config.lockout_timeout),
-                    ))
-                    .set_number_of_retries(1)
-                    .set_max_delay(Duration::from_millis(500));
-                (0..self.config.pool_size.max(1))
-                    .map(|_| {
-                        ConnectionManager::new_lazy_with_config(self.client.clone(), config.clone())
-                    })
-                    .collect::<redis::RedisResult<Vec<_>>>()
+                let timeout = self.config.timeout.max(self.config.lockout_timeout);
+                match &self.client {
+                    Maker::Single(client) => {
+                        let config = ConnectionManagerConfig::new()
+                            .set_connection_timeout(Some(self.config.connect_timeout))
+                            .set_response_timeout(Some(timeout))
+                            .set_number_of_retries(1)
+                            .set_max_delay(Duration::from_millis(500));
+                        (0..self.config.pool_size.max(1))
+                            .map(|_| {
+                                ConnectionManager::new_lazy_with_config(
+                                    client.clone(),
+                                    config.clone(),
+                                )
+                            })
+                            .collect::<redis::RedisResult<Vec<_>>>()
+                            .map(Link::Single)
+                    }
+                    Maker::Cluster(client) => {
+                        Ok(Link::Cluster(client.get_async_connection().await?))
+                    }
+                    Maker::Sentinel(client) => {
+                        let sentinel = client
+                            .lock()
+                            .ok()
+                            .and_then(|mut c| c.take())
+                            .ok_or_else(|| {
+                                RedisError::from((ErrorKind::Client, "sentinel link made twice"))
+                            })?;
+                        Ok(Link::Sentinel(SentinelLink {
+                            sentinel: tokio::sync::Mutex::new(sentinel),
+                            master: std::sync::RwLock::new(None),
+                            config: AsyncConnectionConfig::new()
+                                .set_connection_timeout(Some(self.config.connect_timeout))
+                                .set_response_timeout(Some(timeout)),
+                        }))
+                    }
+                }
             })
-            .await?;
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % pool.len();
-        Ok(pool[i].clone())
-    }
-
-    /// Round trip to the server, for the health probe.
-    pub async fn ping(&self) -> redis::RedisResult<()> {
-        let mut c = self.connection().await?;
-        redis::cmd("PING")
-            .query_async::<String>(&mut c)
             .await
-            .map(|_| ())
     }
 
-    /// [`super::Store::rate_check`] against Redis.
-    pub async fn rate_check(&self, limit: &Limit, key: &str) -> redis::RedisResult<RateDecision> {
-        let t = micros(limit.interval).max(1);
-        let tau = t * u64::from(limit.burst.saturating_sub(1));
-        let bucket = format!("{}:rl:{}:{}", self.config.key_prefix, limit.name, key);
-        let mut c = self.connection().await?;
-        let (allowed, remaining, wait): (i64, i64, i64) = self
-            .gcra
-            .key(bucket)
-            .arg(t)
-            .arg(tau)
-            .invoke_async(&mut c)
-            .await?;
-        let remaining = u32::try_from(remaining.max(0)).unwrap_or(u32::MAX);
-        Ok(RateDecision {
-            allowed: allowed == 1,
-            remaining,
-            retry_after: Duration::from_micros(wait.max(0) as u64),
-            reset: limit.interval * limit.burst.saturating_sub(remaining),
+    /// Runs one script invocation on the node that owns its keys.
+    async fn run<T: FromRedisValue>(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+    ) -> redis::RedisResult<T> {
+        match self.link().await? {
+            Link::Single(pool) => {
+                let i = self.next.fetch_add(1, Ordering::Relaxed) % pool.len().max(1);
+                let mut c = pool[i].clone();
+                invocation.invoke_async(&mut c).await
+            }
+            Link::Cluster(c) => invocation.invoke_async(&mut c.clone()).await,
+            Link::Sentinel(s) => {
+                let mut c = s.master().await?;
+                let r = invocation.invoke_async(&mut c).await;
+                if let Err(e) = &r {
+                    s.check(e);
+                }
+                r
+            }
+        }
+    }
+
+    /// The health probe: a keyed script on the node that owns this replica's probe key, and
+    /// what the deployment looks like from here.
+    pub async fn probe(&self) -> redis::RedisResult<Seen> {
+        let mut invocation = self.probe.prepare_invoke();
+        invocation.key(&self.probe_key).arg(1);
+        let _: i64 = self.run(&invocation).await?;
+        Ok(match self.link().await? {
+            Link::Single(_) => Seen {
+                masters: 1,
+                ..Seen::default()
+            },
+            Link::Cluster(c) => {
+                let nodes: String = redis::cmd("CLUSTER")
+                    .arg("NODES")
+                    .query_async(&mut c.clone())
+                    .await?;
+                cluster_nodes(&nodes)
+            }
+            Link::Sentinel(s) => Seen {
+                masters: 1,
+                replicas: 0,
+                master: s.current().map(|(_, addr)| addr),
+            },
         })
+    }
+
+    /// The buckets of `checks`, each under its subject as hash tag.
+    fn buckets(&self, checks: &[RateCheck<'_>]) -> Vec<Bucket> {
+        checks
+            .iter()
+            .map(|c| {
+                let t = micros(c.limit.interval).max(1);
+                let tag = super::tag_safe(c.key).into_owned();
+                Bucket {
+                    key: format!("{}:rl:{{{tag}}}:{}", self.config.key_prefix, c.limit.name),
+                    tag,
+                    t,
+                    tau: t * u64::from(c.limit.burst.saturating_sub(1)),
+                }
+            })
+            .collect()
+    }
+
+    /// [`super::Store::rate_check`] against Redis: one script for every check on a single
+    /// server or Sentinel's master; on a Cluster one per run of checks that share a subject
+    /// (a slot), in order, stopping at the first refusal as one by one would.
+    pub async fn rate_check(
+        &self,
+        checks: &[RateCheck<'_>],
+    ) -> redis::RedisResult<Vec<RateDecision>> {
+        let buckets = self.buckets(checks);
+        let cluster = matches!(self.config.topology, Topology::Cluster(_));
+        let mut decisions = Vec::with_capacity(checks.len());
+        let mut start = 0;
+        while start < buckets.len() {
+            let mut end = start + 1;
+            while end < buckets.len() && (!cluster || buckets[end].tag == buckets[start].tag) {
+                end += 1;
+            }
+            let mut invocation = self.gcra.prepare_invoke();
+            for b in &buckets[start..end] {
+                invocation.key(&b.key).arg(b.t).arg(b.tau);
+            }
+            let flat: Vec<i64> = self.run(&invocation).await?;
+            for (check, answer) in checks[start..end].iter().zip(flat.chunks_exact(3)) {
+                let (allowed, remaining, wait) = (answer[0] == 1, answer[1], answer[2]);
+                let remaining = u32::try_from(remaining.max(0)).unwrap_or(u32::MAX);
+                decisions.push(RateDecision {
+                    allowed,
+                    remaining,
+                    retry_after: Duration::from_micros(wait.max(0) as u64),
+                    reset: check.limit.interval * check.limit.burst.saturating_sub(remaining),
+                });
+                if !allowed {
+                    return Ok(decisions);
+                }
+            }
+            start = end;
+        }
+        Ok(decisions)
     }
 
     /// The state and pending-ticket keys of `lock`, under its hash tag so that every key of
@@ -239,37 +551,45 @@ impl RedisStore {
         (format!("{base}:s"), format!("{base}:p"))
     }
 
-    /// [`super::Store::reserve`] against Redis.
+    /// [`super::Store::reserve`] against Redis; `owed` are failures counted in-process while
+    /// Redis was away, added first. Also returns each key's state after the operation.
     pub async fn reserve(
         &self,
         locks: &[Lock<'_>],
+        owed: &[u32],
         ticket: Ticket,
-    ) -> redis::RedisResult<Reservation> {
+    ) -> redis::RedisResult<(Reservation, Vec<KeyState>)> {
         let mut invocation = self.reserve.prepare_invoke();
         invocation.arg(ticket);
-        for lock in locks {
+        for (i, lock) in locks.iter().enumerate() {
             let (state, pending) = self.lock_keys(lock);
             invocation
                 .key(state)
                 .key(pending)
                 .arg(lock.policy.max_failures)
-                .arg(millis(lock.policy.reservation_ttl));
+                .arg(millis(lock.policy.reservation_ttl))
+                .arg(millis(lock.policy.lock))
+                .arg(owed.get(i).copied().unwrap_or(0));
         }
-        let mut c = self.connection().await?;
-        let (granted, wait): (i64, i64) = invocation.invoke_async(&mut c).await?;
-        Ok(if granted == 1 {
+        let flat: Vec<i64> = self.run(&invocation).await?;
+        let (granted, wait) = (
+            flat.first().copied().unwrap_or(0),
+            flat.get(1).copied().unwrap_or(0),
+        );
+        let reservation = if granted == 1 {
             Reservation::Granted(ticket)
         } else {
             Reservation::Locked(Duration::from_millis(wait.max(0) as u64))
-        })
+        };
+        Ok((reservation, key_states(flat.get(2..).unwrap_or_default())))
     }
 
-    /// [`super::Store::settle`] against Redis.
+    /// [`super::Store::settle`] against Redis. Also returns each key's state after it.
     pub async fn settle(
         &self,
         locks: &[(Lock<'_>, Settlement)],
         ticket: Ticket,
-    ) -> redis::RedisResult<bool> {
+    ) -> redis::RedisResult<(bool, Vec<KeyState>)> {
         let mut invocation = self.settle.prepare_invoke();
         invocation.arg(ticket);
         for (lock, outcome) in locks {
@@ -286,10 +606,42 @@ impl RedisStore {
                 .arg(lock.policy.max_failures)
                 .arg(millis(lock.policy.lock));
         }
-        let mut c = self.connection().await?;
-        let locked: i64 = invocation.invoke_async(&mut c).await?;
-        Ok(locked == 1)
+        let flat: Vec<i64> = self.run(&invocation).await?;
+        let locked = flat.first().copied().unwrap_or(0) == 1;
+        Ok((locked, key_states(flat.get(1..).unwrap_or_default())))
     }
+}
+
+/// Pairs of (failures, lock ms left) as the scripts report them.
+fn key_states(flat: &[i64]) -> Vec<KeyState> {
+    flat.chunks_exact(2)
+        .map(|p| {
+            (
+                u32::try_from(p[0].max(0)).unwrap_or(u32::MAX),
+                Duration::from_millis(p[1].max(0) as u64),
+            )
+        })
+        .collect()
+}
+
+/// Masters and replicas that answer, from `CLUSTER NODES` (flags are the third field).
+fn cluster_nodes(text: &str) -> Seen {
+    let mut seen = Seen::default();
+    for line in text.lines() {
+        let Some(flags) = line.split(' ').nth(2) else {
+            continue;
+        };
+        let flags: Vec<&str> = flags.split(',').collect();
+        if flags.iter().any(|f| f.starts_with("fail") || *f == "noaddr") {
+            continue;
+        }
+        if flags.contains(&"master") {
+            seen.masters += 1;
+        } else if flags.contains(&"slave") || flags.contains(&"replica") {
+            seen.replicas += 1;
+        }
+    }
+    seen
 }
 
 fn micros(d: Duration) -> u64 {
@@ -298,4 +650,20 @@ fn micros(d: Duration) -> u64 {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_nodes_counts_what_answers() {
+        let text = "a 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460\n\
+                    b 127.0.0.1:7001@17001 master - 0 0 2 connected 5461-10922\n\
+                    c 127.0.0.1:7002@17002 master,fail - 0 0 3 connected\n\
+                    d 127.0.0.1:7003@17003 slave a 0 0 1 connected\n\
+                    e 127.0.0.1:7004@17004 slave,fail? b 0 0 2 connected\n";
+        let seen = cluster_nodes(text);
+        assert_eq!((seen.masters, seen.replicas), (2, 1));
+    }
 }

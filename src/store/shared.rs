@@ -1,16 +1,21 @@
 //! Redis with a safety net: every operation goes to Redis with a short timeout; when Redis is
 //! unreachable or slow the in-process store answers instead, so no request fails because Redis
 //! did. A probe brings Redis back into use as soon as it answers again.
+//!
+//! The in-process store also keeps this replica's copy of every lockout key it touched, as
+//! Redis last reported it: a lock seen is honoured until it ends even if Redis loses it (a
+//! failover, a restart), and while Redis is away the replica counts on from the failures it
+//! last saw; those counted meanwhile are added to Redis when it answers again.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
 use super::memory::MemoryStore;
-use super::redis::RedisStore;
-use super::{Limit, Lock, RateDecision, Reservation, Settlement, Store, Ticket};
+use super::redis::{RedisStore, Seen};
+use super::{Lock, RateCheck, RateDecision, Reservation, Settlement, Store, Ticket};
 use crate::metrics::Metrics;
 
 /// How often the probe asks a missing Redis whether it is back.
@@ -20,12 +25,20 @@ pub const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 #[derive(Debug, Default)]
 pub struct StoreHealth {
     degraded: AtomicBool,
+    /// What the last successful probe saw, and the store's kind.
+    seen: RwLock<(Seen, &'static str)>,
 }
 
 impl StoreHealth {
     /// True while the in-process fallback answers instead of Redis.
     pub fn degraded(&self) -> bool {
         self.degraded.load(Ordering::Relaxed)
+    }
+
+    /// The deployment as the last probe saw it, and the store's kind (`None`: memory).
+    pub fn seen(&self) -> Option<(Seen, &'static str)> {
+        let seen = self.seen.read().ok()?;
+        (!seen.1.is_empty()).then(|| seen.clone())
     }
 }
 
@@ -40,6 +53,8 @@ pub struct SharedStore {
     /// Deadline of a lockout operation: a login waits longer rather than be counted by one
     /// replica alone.
     lockout_timeout: Duration,
+    /// The `[store] kind`, for `/readyz`.
+    kind: &'static str,
 }
 
 impl SharedStore {
@@ -51,8 +66,10 @@ impl SharedStore {
         health: Arc<StoreHealth>,
         metrics: Arc<Metrics>,
         timeouts: (Duration, Duration),
+        kind: &'static str,
     ) -> SharedStore {
         SharedStore {
+            kind,
             redis,
             memory,
             health,
@@ -65,24 +82,33 @@ impl SharedStore {
     /// Runs `op` on Redis unless it is known to be down; `None` means: use the fallback.
     async fn try_redis<T>(
         &self,
+        name: &'static str,
         op: impl std::future::Future<Output = redis::RedisResult<T>>,
         timeout: Duration,
     ) -> Option<T> {
         if !self.health.degraded() {
-            return self.ask_redis(op, timeout).await;
+            return self.ask_redis(name, op, timeout).await;
         }
         self.metrics.store_fallbacks.inc();
         None
     }
 
-    /// Runs `op` on Redis even while it is thought down (a lockout operation: one replica's
-    /// count alone would let more guesses through); `None` means: use the fallback.
+    /// Runs `op` (`name` in metrics) on Redis even while it is thought down (a lockout
+    /// operation: one replica's count alone would let more guesses through); `None` means:
+    /// use the fallback.
     async fn ask_redis<T>(
         &self,
+        name: &'static str,
         op: impl std::future::Future<Output = redis::RedisResult<T>>,
         timeout: Duration,
     ) -> Option<T> {
-        match tokio::time::timeout(timeout, op).await {
+        let started = Instant::now();
+        let answer = tokio::time::timeout(timeout, op).await;
+        self.metrics
+            .store_duration
+            .with_label_values(&[name])
+            .observe(started.elapsed().as_secs_f64());
+        match answer {
             Ok(Ok(v)) => {
                 self.mark_up();
                 return Some(v);
@@ -117,52 +143,93 @@ impl SharedStore {
         self.health.degraded()
     }
 
-    /// One probe: brings Redis back into use when it answers.
+    /// One probe (a keyed script, as a request would run): brings Redis back into use when
+    /// it answers, takes it out when it does not, and records what the deployment looks like.
     pub async fn probe(&self) {
-        match tokio::time::timeout(
+        let started = Instant::now();
+        let answer = tokio::time::timeout(
             self.timeout.max(Duration::from_millis(200)),
-            self.redis.ping(),
+            self.redis.probe(),
         )
-        .await
-        {
-            Ok(Ok(())) => self.mark_up(),
+        .await;
+        self.metrics
+            .store_duration
+            .with_label_values(&["probe"])
+            .observe(started.elapsed().as_secs_f64());
+        match answer {
+            Ok(Ok(seen)) => {
+                let nodes = &self.metrics.store_nodes;
+                nodes
+                    .with_label_values(&["master"])
+                    .set(i64::try_from(seen.masters).unwrap_or(i64::MAX));
+                nodes
+                    .with_label_values(&["replica"])
+                    .set(i64::try_from(seen.replicas).unwrap_or(i64::MAX));
+                if let Ok(mut s) = self.health.seen.write() {
+                    *s = (seen, self.kind);
+                }
+                self.mark_up();
+            }
             Ok(Err(e)) => self.mark_down(&e.to_string()),
-            Err(_) => self.mark_down("ping timed out"),
+            Err(_) => self.mark_down("probe timed out"),
         }
     }
 }
 
 #[async_trait]
 impl Store for SharedStore {
-    async fn rate_check(&self, limit: &Limit, key: &str) -> RateDecision {
+    async fn rate_check(&self, checks: &[RateCheck<'_>]) -> Vec<RateDecision> {
+        if checks.is_empty() {
+            return Vec::new();
+        }
         match self
-            .try_redis(self.redis.rate_check(limit, key), self.timeout)
+            .try_redis("rate", self.redis.rate_check(checks), self.timeout)
             .await
         {
             Some(d) => d,
-            None => self.memory.rate_check_now(limit, key),
+            None => self.memory.rate_check_all(checks),
         }
     }
 
     async fn reserve(&self, locks: &[Lock<'_>]) -> Reservation {
+        // A lock this replica saw holds even where Redis forgot it.
+        if let Some(left) = self.memory.known_lock(locks) {
+            return Reservation::Locked(left);
+        }
         // Random tickets: several replicas reserve in the same sorted sets.
         let ticket = uuid::Uuid::new_v4().as_u64_pair().0;
+        let owed = self.memory.owed(locks);
         match self
-            .ask_redis(self.redis.reserve(locks, ticket), self.lockout_timeout)
+            .ask_redis(
+                "reserve",
+                self.redis.reserve(locks, &owed, ticket),
+                self.lockout_timeout,
+            )
             .await
         {
-            Some(r) => r,
+            Some((reservation, states)) => {
+                self.memory.mirror(locks, &owed, &states);
+                reservation
+            }
             None => self.memory.reserve_all(locks),
         }
     }
 
     async fn settle(&self, locks: &[(Lock<'_>, Settlement)], ticket: Ticket) -> bool {
         match self
-            .ask_redis(self.redis.settle(locks, ticket), self.lockout_timeout)
+            .ask_redis(
+                "settle",
+                self.redis.settle(locks, ticket),
+                self.lockout_timeout,
+            )
             .await
         {
-            Some(locked) => locked,
-            None => self.memory.settle_all(locks, ticket),
+            Some((locked, states)) => {
+                let keys: Vec<Lock<'_>> = locks.iter().map(|(l, _)| *l).collect();
+                self.memory.mirror(&keys, &[], &states);
+                locked
+            }
+            None => self.memory.settle_offline(locks, ticket),
         }
     }
 }

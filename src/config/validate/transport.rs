@@ -8,7 +8,7 @@ use std::sync::Arc;
 use http::{HeaderName, Method};
 
 use super::Validator;
-use crate::config::file::{FileCors, FileSecurity, FileStore, FileTls, FileUpstream};
+use crate::config::file::{FileCors, FileSecurity, FileStore, FileTls, FileUpstream, StoreKind};
 use crate::config::{
     CheckKind, ConfigError, Cors, HealthCheck, Security, Tls, Upstream, UpstreamTls,
 };
@@ -259,40 +259,59 @@ impl Validator<'_> {
         &self,
         st: &FileStore,
     ) -> Result<crate::store::redis::Endpoint, ConfigError> {
-        let Some(source) = &st.redis_url else {
-            return Err(self.err("store.redis_url", "required when kind = \"redis\""));
-        };
-        let url = if source.starts_with("env:") || source.starts_with("file:") {
-            if !self.read_secrets {
-                // Checked for its form only; a URL that parses stands in.
-                self.secret("store.redis_url", source)?;
-                "redis://placeholder:6379/0".to_string()
-            } else {
-                String::from_utf8(self.secret("store.redis_url", source)?)
-                    .map_err(|_| self.err("store.redis_url", "the URL is not UTF-8"))?
-                    .trim()
-                    .to_string()
-            }
-        } else {
-            let authority = source.split("://").nth(1).unwrap_or_default();
-            if authority
-                .split('/')
-                .next()
-                .unwrap_or_default()
-                .contains('@')
-            {
+        use crate::store::redis::Topology;
+        let many = |what: &str| -> Result<Vec<String>, ConfigError> {
+            if st.redis_url.is_some() {
                 return Err(self.err(
                     "store.redis_url",
-                    "a URL with credentials is a secret: give it as `env:NAME` or `file:PATH`",
+                    format!("not used with this kind: list the {what} in store.redis_urls"),
                 ));
             }
-            source.clone()
+            if st.redis_urls.is_empty() {
+                return Err(self.err(
+                    "store.redis_urls",
+                    format!("required for this kind: the {what}"),
+                ));
+            }
+            st.redis_urls
+                .iter()
+                .enumerate()
+                .map(|(i, u)| self.redis_url(&format!("store.redis_urls[{i}]"), u))
+                .collect()
         };
-        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-            return Err(self.err("store.redis_url", "must be a redis:// or rediss:// URL"));
-        }
-        if redis::Client::open(url.as_str()).is_err() {
-            return Err(self.err("store.redis_url", "is not a valid Redis URL"));
+        let topology = match st.kind {
+            StoreKind::RedisCluster => Topology::Cluster(many("cluster's seed nodes")?),
+            StoreKind::RedisSentinel => {
+                let sentinels = many("Sentinels")?;
+                let master = match &st.master_name {
+                    Some(m) if !m.trim().is_empty() => m.trim().to_string(),
+                    _ => {
+                        return Err(self.err(
+                            "store.master_name",
+                            "required for kind = \"redis-sentinel\": the master's name",
+                        ))
+                    }
+                };
+                Topology::Sentinel { sentinels, master }
+            }
+            _ => {
+                let Some(source) = &st.redis_url else {
+                    return Err(self.err("store.redis_url", "required when kind = \"redis\""));
+                };
+                if !st.redis_urls.is_empty() {
+                    return Err(self.err(
+                        "store.redis_urls",
+                        "for kind = \"redis-cluster\" or \"redis-sentinel\"; one server takes redis_url",
+                    ));
+                }
+                Topology::Single(self.redis_url("store.redis_url", source)?)
+            }
+        };
+        if st.master_name.is_some() && !matches!(topology, Topology::Sentinel { .. }) {
+            return Err(self.err(
+                "store.master_name",
+                "only for kind = \"redis-sentinel\"",
+            ));
         }
         let ca_pem = match &st.ca_file {
             None => None,
@@ -309,11 +328,18 @@ impl Validator<'_> {
         if !(1..=64).contains(&st.pool_size) {
             return Err(self.err("store.pool_size", "must be between 1 and 64"));
         }
-        if st.key_prefix.is_empty() || st.key_prefix.contains(char::is_whitespace) {
-            return Err(self.err("store.key_prefix", "must be non-empty, without spaces"));
+        if st.key_prefix.is_empty()
+            || st.key_prefix.contains(char::is_whitespace)
+            || st.key_prefix.contains(['{', '}'])
+        {
+            // Braces would make the prefix the Redis Cluster hash tag of every key.
+            return Err(self.err(
+                "store.key_prefix",
+                "must be non-empty, without spaces, `{` or `}`",
+            ));
         }
         Ok(crate::store::redis::Endpoint {
-            url,
+            topology,
             ca_pem,
             key_prefix: st.key_prefix.clone(),
             pool_size: st.pool_size,
@@ -321,5 +347,43 @@ impl Validator<'_> {
             timeout: self.millis("store.timeout_ms", st.timeout_ms)?,
             lockout_timeout: self.millis("store.lockout_timeout_ms", st.lockout_timeout_ms)?,
         })
+    }
+
+    /// One Redis URL under `key`: written out (without credentials) or read from
+    /// `env:NAME` / `file:PATH`.
+    fn redis_url(&self, key: &str, source: &str) -> Result<String, ConfigError> {
+        let url = if source.starts_with("env:") || source.starts_with("file:") {
+            if !self.read_secrets {
+                // Checked for its form only; a URL that parses stands in.
+                self.secret(key, source)?;
+                "redis://placeholder:6379/0".to_string()
+            } else {
+                String::from_utf8(self.secret(key, source)?)
+                    .map_err(|_| self.err(key, "the URL is not UTF-8"))?
+                    .trim()
+                    .to_string()
+            }
+        } else {
+            let authority = source.split("://").nth(1).unwrap_or_default();
+            if authority
+                .split('/')
+                .next()
+                .unwrap_or_default()
+                .contains('@')
+            {
+                return Err(self.err(
+                    key,
+                    "a URL with credentials is a secret: give it as `env:NAME` or `file:PATH`",
+                ));
+            }
+            source.to_string()
+        };
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            return Err(self.err(key, "must be a redis:// or rediss:// URL"));
+        }
+        if redis::Client::open(url.as_str()).is_err() {
+            return Err(self.err(key, "is not a valid Redis URL"));
+        }
+        Ok(url)
     }
 }
