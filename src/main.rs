@@ -63,10 +63,17 @@ enum Command {
     },
 }
 
-/// Logs to stderr at `level` (`RUST_LOG` overrides it), as JSON lines or text.
+/// Logs to stderr at `level` (`RUST_LOG` overrides it), as JSON lines or text. The Redis
+/// client's own lines stay at errors unless `level` names it: it warns on every reconnect
+/// attempt, while the gateway reports each change of the store's state once.
 fn init_logging(level: &str, format: LogFormat) {
+    let level = if level.contains("redis") {
+        level.to_string()
+    } else {
+        format!("{level},redis=error")
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

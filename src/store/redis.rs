@@ -12,6 +12,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{
     AsyncConnectionConfig, Client, ErrorKind, FromRedisValue, IntoConnectionInfo, RedisError,
@@ -461,28 +462,39 @@ impl RedisStore {
 
     /// The health probe: a keyed script on the node that owns this replica's probe key, and
     /// what the deployment looks like from here.
-    pub async fn probe(&self) -> redis::RedisResult<Seen> {
+    /// `None` for the topology when only it could not be read.
+    pub async fn probe(&self) -> redis::RedisResult<Option<Seen>> {
         let mut invocation = self.probe.prepare_invoke();
         invocation.key(&self.probe_key).arg(1);
         let _: i64 = self.run(&invocation).await?;
-        Ok(match self.link().await? {
+        Ok(Some(match self.link().await? {
             Link::Single(_) => Seen {
                 masters: 1,
                 ..Seen::default()
             },
             Link::Cluster(c) => {
-                let nodes: String = redis::cmd("CLUSTER")
-                    .arg("NODES")
-                    .query_async(&mut c.clone())
-                    .await?;
-                cluster_nodes(&nodes)
+                // Asked of a master the slot map knows (a random node may be the dead one);
+                // the probe's verdict is the script above, this is only what ops see.
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary);
+                match c
+                    .clone()
+                    .route_command(redis::cmd("CLUSTER").arg("NODES").clone(), routing)
+                    .await
+                    .and_then(|v| Ok(String::from_redis_value(v)?))
+                {
+                    Ok(nodes) => cluster_nodes(&nodes),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "redis cluster: CLUSTER NODES failed");
+                        return Ok(None);
+                    }
+                }
             }
             Link::Sentinel(s) => Seen {
                 masters: 1,
                 replicas: 0,
                 master: s.current().map(|(_, addr)| addr),
             },
-        })
+        }))
     }
 
     /// The buckets of `checks`, each under its subject as hash tag.

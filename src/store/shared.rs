@@ -157,7 +157,8 @@ impl SharedStore {
             .with_label_values(&["probe"])
             .observe(started.elapsed().as_secs_f64());
         match answer {
-            Ok(Ok(seen)) => {
+            Ok(Ok(None)) => self.mark_up(),
+            Ok(Ok(Some(seen))) => {
                 let nodes = &self.metrics.store_nodes;
                 nodes
                     .with_label_values(&["master"])
@@ -170,7 +171,10 @@ impl SharedStore {
                 }
                 self.mark_up();
             }
-            Ok(Err(e)) => self.mark_down(&e.to_string()),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "redis probe failed");
+                self.mark_down(&e.to_string())
+            }
             Err(_) => self.mark_down("probe timed out"),
         }
     }

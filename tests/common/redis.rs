@@ -240,6 +240,10 @@ impl RedisCluster {
                         &bus,
                         "--cluster-node-timeout",
                         "1000",
+                        // Replicas sync at once (not after the 5 s diskless default), so a
+                        // master killed early has a replica ready to take over.
+                        "--repl-diskless-sync-delay",
+                        "0",
                         "--dir",
                         dir.path().to_str().unwrap(),
                     ],
@@ -264,10 +268,11 @@ impl RedisCluster {
         );
         let cluster = RedisCluster { nodes, _dir: dir };
         wait_for(20, "the cluster never became ok", || {
-            cluster
-                .nodes
-                .iter()
-                .all(|n| n.info("cluster").contains("cluster_state:ok"))
+            cluster.nodes.iter().all(|n| {
+                n.info("cluster").contains("cluster_state:ok")
+                    && (n.info("replication").contains("role:master")
+                        || n.info("replication").contains("master_link_status:up"))
+            })
         });
         cluster
     }
@@ -316,13 +321,17 @@ impl RedisCluster {
         self.nodes.iter().find(|n| n.child.is_some()).unwrap()
     }
 
-    /// Waits until every slot has a master that answers again (after a kill).
-    pub fn wait_ok(&self) {
-        wait_for(30, "the cluster never recovered", || {
-            self.nodes
-                .iter()
-                .filter(|n| n.child.is_some())
-                .all(|n| n.info("cluster").contains("cluster_state:ok"))
+    /// Waits until the cluster saw the node at `port` fail and every slot has a master that
+    /// answers again.
+    pub fn wait_failed_over(&self, port: u16) {
+        let dead = format!("127.0.0.1:{port}@");
+        wait_for(30, "the cluster never failed over", || {
+            self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
+                n.info("cluster").contains("cluster_state:ok")
+                    && n.info("nodes")
+                        .lines()
+                        .any(|l| l.contains(&dead) && l.contains("fail"))
+            })
         });
     }
 
@@ -361,7 +370,7 @@ pub struct RedisSentinel {
 impl RedisSentinel {
     /// Starts the three and waits until the Sentinel knows the replica.
     pub fn start() -> RedisSentinel {
-        let master = RedisServer::start();
+        let master = RedisServer::start_with(&["--repl-diskless-sync-delay", "0"], None);
         let replica =
             RedisServer::start_with(&["--replicaof", "127.0.0.1", &master.port.to_string()], None);
         let dir = tempfile::tempdir().unwrap();
