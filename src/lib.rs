@@ -206,9 +206,8 @@ fn shared_store(
     let Some(endpoint) = &config.redis else {
         return Ok(memory.clone());
     };
-    let redis = store::redis::RedisStore::new(endpoint.clone()).map_err(|e| {
-        BuildError::Redis(format!("{}: [store]: {e}", config.path.display()))
-    })?;
+    let redis = store::redis::RedisStore::new(endpoint.clone())
+        .map_err(|e| BuildError::Redis(format!("{}: [store]: {e}", config.path.display())))?;
     let shared = Arc::new(store::shared::SharedStore::new(
         redis,
         memory.clone(),

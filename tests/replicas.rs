@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::redis::RedisServer;
-use common::upstream::Upstream;
+use common::upstream::{Upstream, RIGHT_PASSWORD};
 use common::{get, login, parse_metrics, Gateway, Response};
 
 /// A gateway with a login route and a rate-limited route, its store in Redis at `url`.
@@ -332,4 +332,57 @@ fn tls_with_a_private_ca() {
         fallbacks,
         "served by Redis over TLS"
     );
+}
+
+#[test]
+fn a_redis_outage_never_unlocks_and_counts_on_from_what_was_seen() {
+    let mut redis = RedisServer::start();
+    let up = Upstream::start();
+    let (a, b) = (plain(&up, &redis), plain(&up, &redis));
+    // Locked through Redis by guesses on `a`; `b` meets the lock once.
+    for i in 0..10 {
+        assert_eq!(
+            login(&a, "locked@example.com", &format!("w{i}")).status,
+            401
+        );
+    }
+    login(&b, "locked@example.com", RIGHT_PASSWORD)
+        .assert_envelope(403, "account temporarily locked");
+    // Six failures on another account, through `a`.
+    for i in 0..6 {
+        assert_eq!(
+            login(&a, "counted@example.com", &format!("w{i}")).status,
+            401
+        );
+    }
+    redis.kill();
+    let before = up.hits.load(Ordering::SeqCst);
+    // Neither replica forgets the lock it saw.
+    for gw in [&a, &b] {
+        login(gw, "locked@example.com", RIGHT_PASSWORD)
+            .assert_envelope(403, "account temporarily locked");
+    }
+    // `a` counts on from the six it saw: four more guesses, then the lock.
+    for i in 0..8 {
+        let r = login(&a, "counted@example.com", &format!("x{i}"));
+        if i < 4 {
+            assert_eq!(r.status, 401, "guess {i}: {}", r.text());
+        } else {
+            r.assert_envelope(403, "account temporarily locked");
+        }
+    }
+    assert_eq!(up.hits.load(Ordering::SeqCst) - before, 4);
+    assert_eq!(metric(&a, "gateway_store_degraded"), 1.0);
+
+    // Redis comes back empty (a restart without persistence): the locks still hold on `a`.
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&a, "gateway_store_degraded") != 0.0 {
+        assert!(Instant::now() < deadline, "never back on Redis");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for email in ["locked@example.com", "counted@example.com"] {
+        login(&a, email, RIGHT_PASSWORD).assert_envelope(403, "account temporarily locked");
+    }
+    assert_eq!(up.hits.load(Ordering::SeqCst) - before, 4);
 }

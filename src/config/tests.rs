@@ -299,3 +299,51 @@ fn health_checks_are_checked() {
         assert_eq!(with(check).unwrap_err().key, key, "{check}");
     }
 }
+
+#[test]
+fn redis_topologies_name_what_they_miss() {
+    use crate::store::redis::Topology;
+    let store = |body: &str| parse(&format!("{MINIMAL}\n[store]\n{body}\n"));
+    let cluster = store(
+        "kind = \"redis-cluster\"\nredis_urls = [\"redis://127.0.0.1:7000\", \"redis://127.0.0.1:7001\"]",
+    )
+    .unwrap();
+    assert!(matches!(
+        cluster.redis.map(|r| r.topology),
+        Some(Topology::Cluster(urls)) if urls.len() == 2
+    ));
+    let sentinel = store(
+        "kind = \"redis-sentinel\"\nredis_urls = [\"redis://127.0.0.1:26379\"]\nmaster_name = \"g2d\"",
+    )
+    .unwrap();
+    assert!(matches!(
+        sentinel.redis.map(|r| r.topology),
+        Some(Topology::Sentinel { master, .. }) if master == "g2d"
+    ));
+    for (body, key) in [
+        ("kind = \"redis-cluster\"", "store.redis_urls"),
+        (
+            "kind = \"redis-cluster\"\nredis_url = \"redis://127.0.0.1:7000\"",
+            "store.redis_url",
+        ),
+        (
+            "kind = \"redis-sentinel\"\nredis_urls = [\"redis://127.0.0.1:26379\"]",
+            "store.master_name",
+        ),
+        (
+            "kind = \"redis\"\nredis_url = \"redis://h:1\"\nmaster_name = \"g2d\"",
+            "store.master_name",
+        ),
+        (
+            "kind = \"redis-cluster\"\nredis_urls = [\"redis://h:1\", \"redis://:pw@h:2\"]",
+            "store.redis_urls[1]",
+        ),
+        (
+            "kind = \"redis-cluster\"\nredis_urls = [\"redis://h:1\"]\nkey_prefix = \"{g2d}\"",
+            "store.key_prefix",
+        ),
+    ] {
+        let e = store(body).unwrap_err().to_string();
+        assert!(e.starts_with("gw.toml: ") && e.contains(key), "{body}: {e}");
+    }
+}

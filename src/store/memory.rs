@@ -508,8 +508,14 @@ mod tests {
         let s = MemoryStore::new();
         s.register(&mut [&mut a, &mut b]);
         let checks = [
-            RateCheck { limit: &b, key: "k" },
-            RateCheck { limit: &a, key: "k" },
+            RateCheck {
+                limit: &b,
+                key: "k",
+            },
+            RateCheck {
+                limit: &a,
+                key: "k",
+            },
         ];
         let first = s.rate_check_all(&checks);
         assert!(first.len() == 2 && first.iter().all(|d| d.allowed));
@@ -517,7 +523,10 @@ mod tests {
         let second = s.rate_check_all(&checks);
         assert_eq!(second.len(), 1);
         assert!(!second[0].allowed);
-        assert!(s.rate_check_now(&a, "k").allowed, "a still has its second unit");
+        assert!(
+            s.rate_check_now(&a, "k").allowed,
+            "a still has its second unit"
+        );
     }
 
     #[test]
@@ -560,7 +569,9 @@ mod tests {
         };
         s.mirror(&[other], &[], &[(10, Duration::from_secs(60))]);
         s.mirror(&[other], &[], &[(0, Duration::ZERO)]);
-        assert!(s.known_lock(&[other]).is_some_and(|d| d > Duration::from_secs(50)));
+        assert!(s
+            .known_lock(&[other])
+            .is_some_and(|d| d > Duration::from_secs(50)));
     }
 
     #[test]

@@ -417,13 +417,17 @@ impl RedisStore {
                         Ok(Link::Cluster(client.get_async_connection().await?))
                     }
                     Maker::Sentinel(client) => {
-                        let sentinel = client
-                            .lock()
-                            .ok()
-                            .and_then(|mut c| c.take())
-                            .ok_or_else(|| {
-                                RedisError::from((ErrorKind::Client, "sentinel link made twice"))
-                            })?;
+                        let sentinel =
+                            client
+                                .lock()
+                                .ok()
+                                .and_then(|mut c| c.take())
+                                .ok_or_else(|| {
+                                    RedisError::from((
+                                        ErrorKind::Client,
+                                        "sentinel link made twice",
+                                    ))
+                                })?;
                         Ok(Link::Sentinel(SentinelLink {
                             sentinel: tokio::sync::Mutex::new(sentinel),
                             master: std::sync::RwLock::new(None),
@@ -644,7 +648,10 @@ fn cluster_nodes(text: &str) -> Seen {
             continue;
         };
         let flags: Vec<&str> = flags.split(',').collect();
-        if flags.iter().any(|f| f.starts_with("fail") || *f == "noaddr") {
+        if flags
+            .iter()
+            .any(|f| f.starts_with("fail") || *f == "noaddr")
+        {
             continue;
         }
         if flags.contains(&"master") {

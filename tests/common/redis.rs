@@ -293,8 +293,7 @@ impl RedisCluster {
         let nodes = self.live().info("nodes");
         for line in nodes.lines() {
             let fields: Vec<&str> = line.split(' ').collect();
-            if !fields.get(2).is_some_and(|f| f.contains("master")) || fields[2].contains("fail")
-            {
+            if !fields.get(2).is_some_and(|f| f.contains("master")) || fields[2].contains("fail") {
                 continue;
             }
             for range in &fields[8..] {
@@ -371,8 +370,10 @@ impl RedisSentinel {
     /// Starts the three and waits until the Sentinel knows the replica.
     pub fn start() -> RedisSentinel {
         let master = RedisServer::start_with(&["--repl-diskless-sync-delay", "0"], None);
-        let replica =
-            RedisServer::start_with(&["--replicaof", "127.0.0.1", &master.port.to_string()], None);
+        let replica = RedisServer::start_with(
+            &["--replicaof", "127.0.0.1", &master.port.to_string()],
+            None,
+        );
         let dir = tempfile::tempdir().unwrap();
         let port = super::free_port();
         let conf = dir.path().join("sentinel.conf");
@@ -404,12 +405,13 @@ impl RedisSentinel {
         };
         wait_for(20, "the replica never synced", || {
             s.master.info("replication").contains("connected_slaves:1")
-                && s.replica.info("replication").contains("master_link_status:up")
+                && s.replica
+                    .info("replication")
+                    .contains("master_link_status:up")
         });
         wait_for(20, "the Sentinel never saw the replica", || {
             TcpStream::connect(("127.0.0.1", port)).is_ok()
-                && s
-                    .sentinel_command(&["SENTINEL", "REPLICAS", "g2d"])
+                && s.sentinel_command(&["SENTINEL", "REPLICAS", "g2d"])
                     .iter()
                     .any(|l| l.trim() == format!("127.0.0.1:{}", s.replica.port))
         });
@@ -446,7 +448,8 @@ impl RedisSentinel {
         self.master.kill();
         let replica = self.replica.port;
         wait_for(30, "the Sentinel never failed over", || {
-            self.master_port() == replica && self.replica.info("replication").contains("role:master")
+            self.master_port() == replica
+                && self.replica.info("replication").contains("role:master")
         });
     }
 }

@@ -308,10 +308,7 @@ impl Validator<'_> {
             }
         };
         if st.master_name.is_some() && !matches!(topology, Topology::Sentinel { .. }) {
-            return Err(self.err(
-                "store.master_name",
-                "only for kind = \"redis-sentinel\"",
-            ));
+            return Err(self.err("store.master_name", "only for kind = \"redis-sentinel\""));
         }
         let ca_pem = match &st.ca_file {
             None => None,
