@@ -247,7 +247,7 @@ pub struct Seen {
 enum Link {
     Single(Vec<ConnectionManager>),
     Cluster(ClusterConnection),
-    Sentinel(SentinelLink),
+    Sentinel(Box<SentinelLink>),
 }
 
 /// The Sentinel's current master and the way to ask for it again.
@@ -428,13 +428,13 @@ impl RedisStore {
                                         "sentinel link made twice",
                                     ))
                                 })?;
-                        Ok(Link::Sentinel(SentinelLink {
+                        Ok(Link::Sentinel(Box::new(SentinelLink {
                             sentinel: tokio::sync::Mutex::new(sentinel),
                             master: std::sync::RwLock::new(None),
                             config: AsyncConnectionConfig::new()
                                 .set_connection_timeout(Some(self.config.connect_timeout))
                                 .set_response_timeout(Some(timeout)),
-                        }))
+                        })))
                     }
                 }
             })
