@@ -6,6 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use get2dial_gateway::store::lease::LeasePolicy;
 use get2dial_gateway::store::memory::MemoryStore;
 use get2dial_gateway::store::redis::{Endpoint, RedisStore, Topology};
 use get2dial_gateway::store::{Limit, Lock, LockPolicy, RateCheck, Reservation, Settlement};
@@ -93,6 +94,12 @@ fn stores(c: &mut Criterion) {
         connect_timeout: Duration::from_secs(1),
         timeout: Duration::from_secs(1),
         lockout_timeout: Duration::from_secs(1),
+        lease: LeasePolicy {
+            units: 0,
+            share: 1.0,
+            period: Duration::from_millis(250),
+            max_entries: 1000,
+        },
     })
     .expect("a redis client");
     runtime.block_on(redis.probe()).expect("redis answers");
@@ -102,13 +109,13 @@ fn stores(c: &mut Criterion) {
     }];
     g.bench_function("redis_rate_check", |b| {
         b.to_async(&runtime)
-            .iter(|| async { redis.rate_check(&one).await.expect("redis") })
+            .iter(|| async { redis.rate_check(&one, &[1]).await.expect("redis") })
     });
     // Three policies of one request: still one script, one round trip.
     let three = [one[0], one[0], one[0]];
     g.bench_function("redis_rate_check_three_policies", |b| {
         b.to_async(&runtime)
-            .iter(|| async { redis.rate_check(&three).await.expect("redis") })
+            .iter(|| async { redis.rate_check(&three, &[1, 1, 1]).await.expect("redis") })
     });
     let mut ticket = 0u64;
     g.bench_function("redis_reserve_settle", |b| {

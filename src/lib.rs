@@ -213,8 +213,7 @@ fn shared_store(
         memory.clone(),
         health.clone(),
         metrics.clone(),
-        (endpoint.timeout, endpoint.lockout_timeout),
-        endpoint.topology.kind(),
+        endpoint,
     ));
     // Always on: it brings Redis back after an outage, takes it out of use when it stops
     // answering between requests, and keeps the topology on /readyz and in metrics current.
@@ -224,6 +223,14 @@ fn shared_store(
         background::every(store::shared::PROBE_INTERVAL, move || {
             let store = probed.clone();
             async move { store.probe().await }
+        }),
+    ));
+    let leased = shared.clone();
+    server.add_service(background_service(
+        "rate-limit leases",
+        background::every(endpoint.lease.period, move || {
+            let store = leased.clone();
+            async move { store.end_leases().await }
         }),
     ));
     Ok(shared)

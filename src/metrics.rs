@@ -33,6 +33,8 @@ pub struct Metrics {
     pub store_degraded: prometheus::IntGauge,
     /// `gateway_store_duration_seconds{op}`: Redis round trips (rate, reserve, settle, probe).
     pub store_duration: HistogramVec,
+    /// `gateway_store_lease_units_total{event}`: rate-limit units leased from Redis.
+    pub store_leases: IntCounterVec,
     /// `gateway_store_nodes{role}`: Redis masters and replicas answering, per the last probe.
     pub store_nodes: IntGaugeVec,
     /// `gateway_config_reloads_total{result}`: reloads by result (success, failure).
@@ -135,6 +137,17 @@ impl Metrics {
         for op in ["rate", "reserve", "settle", "probe"] {
             store_duration.with_label_values(&[op]);
         }
+        let store_leases = IntCounterVec::new(
+            Opts::new(
+                "gateway_store_lease_units_total",
+                "Rate-limit units leased from Redis: taken ahead of need, spent without a round \
+                 trip, given back unspent.",
+            ),
+            &["event"],
+        )?;
+        for event in ["taken", "spent", "given_back"] {
+            store_leases.with_label_values(&[event]);
+        }
         let store_nodes = IntGaugeVec::new(
             Opts::new(
                 "gateway_store_nodes",
@@ -208,6 +221,7 @@ impl Metrics {
         registry.register(Box::new(store_degraded.clone()))?;
         registry.register(Box::new(store_duration.clone()))?;
         registry.register(Box::new(store_nodes.clone()))?;
+        registry.register(Box::new(store_leases.clone()))?;
         registry.register(Box::new(config_reloads.clone()))?;
         registry.register(Box::new(heads_refused.clone()))?;
         let last_reload_ok = prometheus::IntGauge::new(
@@ -272,6 +286,7 @@ impl Metrics {
             store_degraded,
             store_duration,
             store_nodes,
+            store_leases,
             config_reloads,
             heads_refused,
             last_reload_ok,

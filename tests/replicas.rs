@@ -386,3 +386,87 @@ fn a_redis_outage_never_unlocks_and_counts_on_from_what_was_seen() {
     }
     assert_eq!(up.hits.load(Ordering::SeqCst) - before, 4);
 }
+
+#[test]
+fn leased_limits_never_overshoot_across_three_replicas() {
+    let redis = RedisServer::start();
+    let up = Upstream::start();
+    // 200 per hour: nothing refills while the test runs. Slices of 20 units (a tenth of the
+    // burst), leases of 300 ms.
+    let store = format!(
+        "redis_url = \"{}\"\ntimeout_ms = 200\nlease_units = 20\nlease_share = 0.1\nlease_ms = 300",
+        redis.url()
+    );
+    let config = |store: &str| {
+        format!(
+            r#"
+[store]
+kind = "redis"
+{store}
+
+[[upstreams]]
+name = "control"
+servers = ["{up}"]
+
+[[routes]]
+name = "leased"
+path_prefix = "/api/v1/leased/"
+upstream = "control"
+auth = "public"
+rate_limit = {{ name = "hourly", key = "ip", per_hour = 200, burst = 200 }}
+"#,
+            up = up.addr
+        )
+    };
+    let replicas: Vec<Arc<Gateway>> = (0..3)
+        .map(|_| Arc::new(Gateway::start(&config(&store))))
+        .collect();
+    let scripts_before = redis.scripts_run();
+    // Three clients at once, one per replica, 150 requests each: 450 for 200 units.
+    let handles: Vec<_> = replicas
+        .iter()
+        .map(|gw| {
+            let gw = gw.clone();
+            std::thread::spawn(move || {
+                (0..150)
+                    .map(|i| gw.get(&format!("/api/v1/leased/{i}")).status)
+                    .collect::<Vec<u16>>()
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    let allowed = statuses.iter().filter(|s| **s == 200).count();
+    assert!(statuses.iter().all(|s| *s == 200 || *s == 429));
+    assert_eq!(up.hits.load(Ordering::SeqCst), allowed);
+    // Never over the limit; at most (replicas - 1) x (slice - 1) = 38 under it.
+    assert!(
+        (162..=200).contains(&allowed),
+        "{allowed} of 200 allowed across three replicas"
+    );
+    let spent: f64 = replicas
+        .iter()
+        .map(|gw| metric(gw, "gateway_store_lease_units_total{event=\"spent\"}"))
+        .sum();
+    assert!(
+        spent > 100.0,
+        "only {spent} checks were answered from a lease"
+    );
+    let round_trips = redis.scripts_run() - scripts_before;
+    assert!(
+        round_trips < 450 / 3,
+        "{round_trips} Redis scripts for 450 checks"
+    );
+
+    // After a lease period the unspent units are back in Redis: the whole quota, exactly.
+    std::thread::sleep(Duration::from_millis(1000));
+    let mut more = 0;
+    for i in 0..60 {
+        if replicas[i % 3].get("/api/v1/leased/x").status == 200 {
+            more += 1;
+        }
+    }
+    assert_eq!(allowed + more, 200, "{allowed} + {more} allowed in all");
+}

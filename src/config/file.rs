@@ -264,6 +264,25 @@ pub struct FileStore {
     /// Connect timeout.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_ms: u64,
+    /// Most rate-limit units a replica takes from Redis at once (0 or 1: none ahead).
+    #[serde(default = "default_lease_units")]
+    pub lease_units: u32,
+    /// Most of a policy's burst one lease takes.
+    #[serde(default = "default_lease_share")]
+    pub lease_share: f64,
+    /// How long a lease lasts before its unspent units go back.
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+}
+
+fn default_lease_units() -> u32 {
+    64
+}
+fn default_lease_share() -> f64 {
+    0.05
+}
+fn default_lease_ms() -> u64 {
+    250
 }
 
 impl Default for FileStore {
@@ -279,6 +298,9 @@ impl Default for FileStore {
             timeout_ms: default_store_timeout(),
             lockout_timeout_ms: default_lockout_timeout(),
             connect_timeout_ms: default_connect_timeout(),
+            lease_units: default_lease_units(),
+            lease_share: default_lease_share(),
+            lease_ms: default_lease_ms(),
         }
     }
 }

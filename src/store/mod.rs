@@ -4,6 +4,7 @@
 //! (with the memory store as its fallback) with the same semantics, so every replica sees one
 //! truth.
 
+pub mod lease;
 pub mod memory;
 pub mod redis;
 pub mod shared;

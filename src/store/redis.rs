@@ -23,28 +23,50 @@ use tokio::sync::OnceCell;
 use super::{Lock, RateCheck, RateDecision, Reservation, Settlement, Ticket};
 
 /// GCRA for every policy of one request, in order, as if checked one by one: each allowed
-/// check is counted before the next is made, and the first refusal ends the run. KEYS = one
-/// bucket per check; ARGV = interval µs, tau µs for each. Returns {allowed, remaining,
-/// wait µs} for each check made.
+/// check is counted before the next is made, and the first refusal ends the run. A check may
+/// take more than the one unit its request needs, up to what the bucket holds (a lease, spent
+/// by the replica without asking again). KEYS = one bucket per check; ARGV = interval µs,
+/// tau µs and units wanted for each. Returns {units taken, remaining, wait µs} for each check
+/// made (0 units taken: refused).
 const GCRA: &str = r#"
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 local out = {}
 for i = 1, #KEYS do
-  local t = tonumber(ARGV[2 * i - 1])
-  local tau = tonumber(ARGV[2 * i])
-  local tat = tonumber(redis.call('GET', KEYS[i])) or now
-  local earliest = tat - tau
-  if now < earliest then
-    out[#out + 1] = 0; out[#out + 1] = 0; out[#out + 1] = earliest - now
+  local t = tonumber(ARGV[3 * i - 2])
+  local tau = tonumber(ARGV[3 * i - 1])
+  local want = tonumber(ARGV[3 * i])
+  local tat = math.max(tonumber(redis.call('GET', KEYS[i])) or now, now)
+  -- Units the bucket holds now (one request needs one).
+  local free = math.floor((now + tau + t - tat) / t)
+  if free < 1 then
+    out[#out + 1] = 0; out[#out + 1] = 0; out[#out + 1] = tat - tau - now
     return out
   end
-  local nxt = math.max(tat, now) + t
+  local take = math.min(want, free)
+  local nxt = tat + take * t
   -- The bucket is full again at `nxt`: from then on a missing key means the same.
   redis.call('SET', KEYS[i], string.format('%.0f', nxt), 'PX', math.ceil((nxt - now) / 1000) + 1)
-  out[#out + 1] = 1; out[#out + 1] = math.floor((now + tau + t - nxt) / t); out[#out + 1] = 0
+  out[#out + 1] = take; out[#out + 1] = free - take; out[#out + 1] = 0
 end
 return out
+"#;
+
+/// Gives back units a lease did not spend. KEYS[1] = bucket; ARGV = interval µs, units.
+const GIVE_BACK: &str = r#"
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local tat = tonumber(redis.call('GET', KEYS[1]))
+if not tat then
+  return 0
+end
+local back = tat - tonumber(ARGV[1]) * tonumber(ARGV[2])
+if back <= now then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], string.format('%.0f', back), 'PX', math.ceil((back - now) / 1000) + 1)
+end
+return 1
 "#;
 
 /// Shared head of both lockout scripts: the time; `load`, which reads one key's state (KEYS
@@ -206,6 +228,8 @@ pub struct Endpoint {
     pub timeout: Duration,
     /// Longest wait for one lockout operation's answer.
     pub lockout_timeout: Duration,
+    /// Rate-limit units a replica takes ahead of need.
+    pub lease: super::lease::LeasePolicy,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -218,15 +242,6 @@ impl std::fmt::Debug for Endpoint {
             .field("timeout", &self.timeout)
             .finish()
     }
-}
-
-/// One rate check's bucket: its key and its GCRA parameters.
-struct Bucket {
-    key: String,
-    /// Hash tag of the key (its slot in a Redis Cluster).
-    tag: String,
-    t: u64,
-    tau: u64,
 }
 
 /// What a lockout script reports about one key, for the replica's own copy.
@@ -309,6 +324,7 @@ pub struct RedisStore {
     link: OnceCell<Link>,
     next: AtomicUsize,
     gcra: Script,
+    give_back: Script,
     reserve: Script,
     settle: Script,
     probe: Script,
@@ -384,6 +400,7 @@ impl RedisStore {
             link: OnceCell::new(),
             next: AtomicUsize::new(0),
             gcra: Script::new(GCRA),
+            give_back: Script::new(GIVE_BACK),
             reserve: Script::new(&format!("{LOCK_STATE}{RESERVE}")),
             settle: Script::new(&format!("{LOCK_STATE}{SETTLE}")),
             probe: Script::new(PROBE),
@@ -501,60 +518,84 @@ impl RedisStore {
         }))
     }
 
-    /// The buckets of `checks`, each under its subject as hash tag.
-    fn buckets(&self, checks: &[RateCheck<'_>]) -> Vec<Bucket> {
-        checks
-            .iter()
-            .map(|c| {
-                let t = micros(c.limit.interval).max(1);
-                let tag = super::tag_safe(c.key).into_owned();
-                Bucket {
-                    key: format!("{}:rl:{{{tag}}}:{}", self.config.key_prefix, c.limit.name),
-                    tag,
-                    t,
-                    tau: t * u64::from(c.limit.burst.saturating_sub(1)),
-                }
-            })
-            .collect()
+    /// The bucket of `policy`'s `key`, under the key (its subject) as hash tag; and the tag.
+    fn bucket(&self, policy: &str, key: &str) -> (String, String) {
+        let tag = super::tag_safe(key).into_owned();
+        let bucket = format!("{}:rl:{{{tag}}}:{policy}", self.config.key_prefix);
+        (bucket, tag)
     }
 
-    /// [`super::Store::rate_check`] against Redis: one script for every check on a single
-    /// server or Sentinel's master; on a Cluster one per run of checks that share a subject
-    /// (a slot), in order, stopping at the first refusal as one by one would.
+    /// [`super::Store::rate_check`] against Redis, each check taking up to `want[i]` units
+    /// (at least the one its request needs): one script for every check on a single server or
+    /// Sentinel's master; on a Cluster one per run of checks that share a subject (a slot), in
+    /// order, stopping at the first refusal as one by one would. Returns the units each check
+    /// took (0: refused) with its decision.
     pub async fn rate_check(
         &self,
         checks: &[RateCheck<'_>],
-    ) -> redis::RedisResult<Vec<RateDecision>> {
-        let buckets = self.buckets(checks);
+        want: &[u32],
+    ) -> redis::RedisResult<Vec<(u32, RateDecision)>> {
+        let buckets: Vec<(String, String)> = checks
+            .iter()
+            .map(|c| self.bucket(&c.limit.name, c.key))
+            .collect();
         let cluster = matches!(self.config.topology, Topology::Cluster(_));
         let mut decisions = Vec::with_capacity(checks.len());
         let mut start = 0;
         while start < buckets.len() {
             let mut end = start + 1;
-            while end < buckets.len() && (!cluster || buckets[end].tag == buckets[start].tag) {
+            while end < buckets.len() && (!cluster || buckets[end].1 == buckets[start].1) {
                 end += 1;
             }
             let mut invocation = self.gcra.prepare_invoke();
-            for b in &buckets[start..end] {
-                invocation.key(&b.key).arg(b.t).arg(b.tau);
+            for (i, (key, _)) in buckets.iter().enumerate().take(end).skip(start) {
+                let limit = checks[i].limit;
+                let t = micros(limit.interval).max(1);
+                invocation
+                    .key(key)
+                    .arg(t)
+                    .arg(t * u64::from(limit.burst.saturating_sub(1)))
+                    .arg(want.get(i).copied().unwrap_or(1).max(1));
             }
             let flat: Vec<i64> = self.run(&invocation).await?;
             for (check, answer) in checks[start..end].iter().zip(flat.chunks_exact(3)) {
-                let (allowed, remaining, wait) = (answer[0] == 1, answer[1], answer[2]);
+                let (taken, remaining, wait) = (answer[0], answer[1], answer[2]);
+                let taken = u32::try_from(taken.max(0)).unwrap_or(u32::MAX);
                 let remaining = u32::try_from(remaining.max(0)).unwrap_or(u32::MAX);
-                decisions.push(RateDecision {
-                    allowed,
-                    remaining,
-                    retry_after: Duration::from_micros(wait.max(0) as u64),
-                    reset: check.limit.interval * check.limit.burst.saturating_sub(remaining),
-                });
-                if !allowed {
+                decisions.push((
+                    taken,
+                    RateDecision {
+                        allowed: taken > 0,
+                        remaining,
+                        retry_after: Duration::from_micros(wait.max(0) as u64),
+                        reset: check.limit.interval * check.limit.burst.saturating_sub(remaining),
+                    },
+                ));
+                if taken == 0 {
                     return Ok(decisions);
                 }
             }
             start = end;
         }
         Ok(decisions)
+    }
+
+    /// Gives `units` a lease did not spend back to the bucket of `policy`'s `key`.
+    pub async fn give_back(
+        &self,
+        policy: &str,
+        key: &str,
+        interval: Duration,
+        units: u32,
+    ) -> redis::RedisResult<()> {
+        let (bucket, _) = self.bucket(policy, key);
+        let mut invocation = self.give_back.prepare_invoke();
+        invocation
+            .key(bucket)
+            .arg(micros(interval).max(1))
+            .arg(units);
+        let _: i64 = self.run(&invocation).await?;
+        Ok(())
     }
 
     /// The state and pending-ticket keys of `lock`, under its hash tag so that every key of

@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
+use super::lease::Leases;
 use super::memory::MemoryStore;
-use super::redis::{RedisStore, Seen};
+use super::redis::{Endpoint, RedisStore, Seen};
 use super::{Lock, RateCheck, RateDecision, Reservation, Settlement, Store, Ticket};
 use crate::metrics::Metrics;
 
@@ -55,27 +56,47 @@ pub struct SharedStore {
     lockout_timeout: Duration,
     /// The `[store] kind`, for `/readyz`.
     kind: &'static str,
+    /// Rate-limit units taken from Redis ahead of need.
+    leases: Leases,
 }
 
 impl SharedStore {
-    /// Wraps `redis` with `memory` as the fallback; operations wait `timeouts` (rate checks,
-    /// lockout operations) for Redis.
+    /// Wraps `redis` (reached as `endpoint` says) with `memory` as the fallback.
     pub fn new(
         redis: RedisStore,
         memory: Arc<MemoryStore>,
         health: Arc<StoreHealth>,
         metrics: Arc<Metrics>,
-        timeouts: (Duration, Duration),
-        kind: &'static str,
+        endpoint: &Endpoint,
     ) -> SharedStore {
         SharedStore {
-            kind,
             redis,
             memory,
             health,
             metrics,
-            timeout: timeouts.0,
-            lockout_timeout: timeouts.1,
+            timeout: endpoint.timeout,
+            lockout_timeout: endpoint.lockout_timeout,
+            kind: endpoint.topology.kind(),
+            leases: Leases::new(endpoint.lease),
+        }
+    }
+
+    /// Gives the units of ended leases back to Redis (run every lease period). While Redis is
+    /// away they are not given back; the buckets refill by themselves.
+    pub async fn end_leases(&self) {
+        let unspent = self.leases.ended(Instant::now());
+        if unspent.is_empty() || self.health.degraded() {
+            return;
+        }
+        for (name, key, interval, units) in unspent {
+            let back = self.redis.give_back(&name, &key, interval, units);
+            if tokio::time::timeout(self.timeout, back).await.is_err() {
+                return;
+            }
+            self.metrics
+                .store_leases
+                .with_label_values(&["given_back"])
+                .inc_by(u64::from(units));
         }
     }
 
@@ -183,16 +204,57 @@ impl SharedStore {
 #[async_trait]
 impl Store for SharedStore {
     async fn rate_check(&self, checks: &[RateCheck<'_>]) -> Vec<RateDecision> {
-        if checks.is_empty() {
-            return Vec::new();
+        let now = Instant::now();
+        let mut decisions = Vec::with_capacity(checks.len());
+        // Leases first, in order, up to the first check that must ask Redis; that one and the
+        // rest go in one round trip (the order of counting stays the one-by-one order).
+        let mut first_ask = checks.len();
+        let mut want = Vec::new();
+        for (i, check) in checks.iter().enumerate() {
+            match self.leases.spend(check, now) {
+                Ok(d) if !d.allowed => {
+                    decisions.push(d);
+                    return decisions;
+                }
+                Ok(d) => decisions.push(d),
+                Err(units) => {
+                    first_ask = i;
+                    want.push(units);
+                    break;
+                }
+            }
         }
+        if first_ask == checks.len() {
+            self.metrics
+                .store_leases
+                .with_label_values(&["spent"])
+                .inc_by(checks.len() as u64);
+            return decisions;
+        }
+        let asked = &checks[first_ask..];
+        want.extend(asked[1..].iter().map(|c| self.leases.want(c, now)));
         match self
-            .try_redis("rate", self.redis.rate_check(checks), self.timeout)
+            .try_redis("rate", self.redis.rate_check(asked, &want), self.timeout)
             .await
         {
-            Some(d) => d,
-            None => self.memory.rate_check_all(checks),
+            Some(answers) => {
+                for (check, (taken, decision)) in asked.iter().zip(answers) {
+                    if taken == 0 {
+                        self.leases.refused(check, &decision, now);
+                    }
+                    if taken > 1 {
+                        self.leases.granted(check, taken, &decision, now);
+                        self.metrics
+                            .store_leases
+                            .with_label_values(&["taken"])
+                            .inc_by(u64::from(taken - 1));
+                    }
+                    decisions.push(decision);
+                }
+            }
+            None => decisions.extend(self.memory.rate_check_all(asked)),
         }
+        decisions
     }
 
     async fn reserve(&self, locks: &[Lock<'_>]) -> Reservation {

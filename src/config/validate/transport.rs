@@ -335,7 +335,23 @@ impl Validator<'_> {
                 "must be non-empty, without spaces, `{` or `}`",
             ));
         }
+        if st.lease_units > 10_000 {
+            return Err(self.err("store.lease_units", "must be at most 10000"));
+        }
+        if !(st.lease_share > 0.0 && st.lease_share <= 1.0) {
+            return Err(self.err("store.lease_share", "must be above 0 and at most 1"));
+        }
+        if !(10..=10_000).contains(&st.lease_ms) {
+            return Err(self.err("store.lease_ms", "must be between 10 and 10000"));
+        }
+        let lease = crate::store::lease::LeasePolicy {
+            units: st.lease_units,
+            share: st.lease_share,
+            period: std::time::Duration::from_millis(st.lease_ms),
+            max_entries: 100_000,
+        };
         Ok(crate::store::redis::Endpoint {
+            lease,
             topology,
             ca_pem,
             key_prefix: st.key_prefix.clone(),
