@@ -25,6 +25,9 @@ SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 CONNS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
 IDLE = int(os.environ.get("BENCH_IDLE_CONNECTIONS", "10000"))
+# Gateway variants measured on the scenarios that use the store (the JWT path with two rate-limit
+# policies, the login guard): memory, one Redis, a 3-master Redis Cluster (all on core 0).
+STORES = [s for s in os.environ.get("BENCH_STORES", "memory,redis,cluster").split(",") if s]
 # Pingora's runtime for both Pingora proxies: "true" (work stealing, the default) or "false".
 WORK_STEALING = os.environ.get("BENCH_WORK_STEALING", "true")
 SECRET = "bench-secret-0123456789abcdef0123"
@@ -173,6 +176,9 @@ def main():
     gateway = os.path.join(ROOT, "target/release/get2dial-gateway")
     bare = os.environ["BARE_PROXY_BIN"]
     up, ngx, hap, bare_port, gw, admin = (free_port() for _ in range(6))
+    store_ports = {name: (free_port(), free_port()) for name in STORES if name != "memory"}
+    redis_port = free_port()
+    cluster_ports = [(free_port(), free_port()) for _ in range(3)]
     with open(os.path.join(tmp, "big.bin"), "wb") as f:
         f.write(bytes(i % 251 for i in range(64 * 1024)))
     os.chmod(os.path.join(tmp, "big.bin"), 0o644)
@@ -223,13 +229,15 @@ backend intercept
   http-response return status 500 content-type application/json string '{ENV_500}' if {{ status 500 }}
   server up 127.0.0.1:{up}
 """)
-    write(f"{tmp}/gateway.toml", f"""
+    def gateway_config(name, listen, admin_listen, store):
+        write(f"{tmp}/{name}.toml", f"""
 [server]
 work_stealing = {WORK_STEALING}
-listen = "127.0.0.1:{gw}"
-admin_listen = "127.0.0.1:{admin}"
+listen = "127.0.0.1:{listen}"
+admin_listen = "127.0.0.1:{admin_listen}"
 threads = 1
-upgrade_sock = "{tmp}/upgrade.sock"
+upgrade_sock = "{tmp}/{name}-upgrade.sock"
+{store}
 [log]
 level = "warn"
 access_log = false
@@ -266,8 +274,19 @@ name = "api"
 path_prefix = "/api/v1/"
 upstream = "up"
 auth = "jwt"
-rate_limit = {{ key = "user", per_second = 1000000, burst = 1000000 }}
+rate_limits = [
+  {{ name = "per-ip", key = "ip", per_second = 1000000, burst = 1000000 }},
+  {{ name = "per-user", key = "user", per_second = 1000000, burst = 1000000 }},
+]
 """)
+    gateway_config("gateway", gw, admin, "")
+    store_sections = {
+        "redis": f'[store]\nkind = "redis"\nredis_url = "redis://127.0.0.1:{redis_port}"',
+        "cluster": '[store]\nkind = "redis-cluster"\nredis_urls = [' +
+                   ", ".join(f'"redis://127.0.0.1:{p}"' for p, _ in cluster_ports) + "]",
+    }
+    for name, (listen, admin_listen) in store_ports.items():
+        gateway_config(f"gateway-{name}", listen, admin_listen, store_sections[name])
     login_lua = write(f"{tmp}/login.lua", """
 local n = 0
 request = function()
@@ -280,6 +299,25 @@ end
     try:
         procs.append(start([nginx, "-c", f"{tmp}/up.conf", "-p", tmp], 0))
         wait_port(up)
+        redis_base = ["redis-server", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp]
+        if "redis" in STORES:
+            procs.append(start(redis_base + ["--port", str(redis_port)], 0))
+            wait_port(redis_port)
+        if "cluster" in STORES:
+            for i, (port, bus) in enumerate(cluster_ports):
+                procs.append(start(redis_base + ["--port", str(port), "--cluster-enabled", "yes",
+                                                 "--cluster-port", str(bus),
+                                                 "--cluster-config-file", f"{tmp}/nodes-{i}.conf"], 0))
+                wait_port(port)
+            subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p, _ in cluster_ports],
+                            "--cluster-yes"], check=True, stdout=subprocess.DEVNULL)
+            deadline = time.time() + 20
+            while b"cluster_state:ok" not in subprocess.run(
+                    ["redis-cli", "-p", str(cluster_ports[0][0]), "cluster", "info"],
+                    capture_output=True).stdout:
+                if time.time() > deadline:
+                    raise SystemExit("bench: the Redis Cluster never became ok")
+                time.sleep(0.1)
         def launch():
             """The four proxies under test, each on core 0, listening when this returns."""
             targets = {
@@ -297,23 +335,32 @@ end
             return targets
 
         targets = launch()
+        # The gateway on a shared store, measured where the store works.
+        for name, (listen, _) in store_ports.items():
+            proc = start([gateway, "run", "--config", f"{tmp}/gateway-{name}.toml"], 0,
+                         env=dict(os.environ, BENCH_JWT_SECRET=SECRET), log=open(f"{tmp}/gateway-{name}.log", "a"))
+            procs.append(proc)
+            wait_port(listen)
+            targets[f"gateway {name}"] = (proc, listen)
+        store_targets = {f"gateway {name}" for name in store_ports}
         auth = {"Authorization": f"Bearer {token()}"}
         login_body = '{"email":"check@bench.example","password":"wrong"}'
         scenarios = [
             {"name": "pass-through 39 B JSON", "path": "/ok",
              "check": {"*": (200, OK_BODY)}},
-            {"name": "JWT + rate limit + metrics", "path": "/api/v1/calls", "headers": auth,
-             "check": {"*": (200, OK_BODY)}},
+            {"name": "JWT + 2 rate limits + metrics", "path": "/api/v1/calls", "headers": auth,
+             "check": {"*": (200, OK_BODY)}, "stores": True},
             {"name": "upstream HTML 500 -> envelope", "path": "/html-500",
              "check": {"bare pingora": (500, HTML_500), "*": (500, ENV_500)}},
             {"name": "64 KiB success body", "path": "/big",
              "check": {"*": (200, None)}},
             {"name": "login guard (401, fresh emails)", "path": "/api/v1/auth/login", "lua": login_lua,
-             "method": "POST", "body": login_body, "check": {"*": (401, ENV_401)}},
+             "method": "POST", "body": login_body, "check": {"*": (401, ENV_401)}, "stores": True},
         ]
         results = []
         for sc in scenarios:
-            for name, (proc, port) in targets.items():
+            measured = {n: t for n, t in targets.items() if sc.get("stores") or n not in store_targets}
+            for name, (proc, port) in measured.items():
                 status, expect = sc["check"].get(name, sc["check"].get("*"))
                 got_status, got = request(port, sc.get("method", "GET"), sc["path"],
                                           headers=dict(sc.get("headers", {}), **({"Content-Type": "application/json"} if sc.get("body") else {})),
@@ -322,11 +369,11 @@ end
                     raise SystemExit(f"bench: {name} answers {sc['path']} wrongly: {got_status} {got[:200]!r}")
             # Runs take turns (nginx, haproxy, bare, gateway, nginx, ...) so that a slow spell of
             # the shared machine lands on every proxy rather than on one.
-            runs = {name: [] for name in targets}
+            runs = {name: [] for name in measured}
             for _ in range(RUNS):
-                for name, (_, port) in targets.items():
+                for name, (_, port) in measured.items():
                     runs[name].append(wrk(port, sc))
-            for name, (proc, _) in targets.items():
+            for name, (proc, _) in measured.items():
                 rps = statistics.median(r[0] for r in runs[name])
                 p50 = statistics.median(r[1] for r in runs[name])
                 p99 = statistics.median(r[2] for r in runs[name])
@@ -347,8 +394,22 @@ end
             print(f"| {s} | {n} | {r:.0f} | {p50:.2f} | {p99:.2f} | {rss / 1024:.1f} | "
                   f"{r / bare_r:.2f}x (p99 {p99 / bare_p99:.2f}x) | {r / ngx_r:.2f}x |")
 
+        if store_targets:
+            print()
+            print("| scenario | store | req/s | vs memory store | p99 vs memory store |")
+            print("|---|---|---|---|---|")
+            for s, n, r, p50, p99, rss, errors in results:
+                if n in store_targets:
+                    mem_r, _, mem_p99 = by[(s, "gateway")]
+                    print(f"| {s} | {n.removeprefix('gateway ')} | {r:.0f} | {r / mem_r:.2f}x | {p99 / mem_p99:.2f}x |")
+
         # Idle keep-alive connections: RSS of each proxy holding IDLE of them, on fresh processes
         # (after the load the login flood's lockout table would be counted too).
+        for name, (proc, _) in list(targets.items()):
+            if name in store_targets:
+                proc.kill()
+                proc.wait(timeout=10)
+                del targets[name]
         for proc, _ in targets.values():
             proc.kill()  # nothing to drain, and Pingora's graceful shutdown takes minutes
             proc.wait(timeout=10)
