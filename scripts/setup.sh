@@ -13,6 +13,7 @@ command -v chromium >/dev/null 2>&1 || need+=(chromium)        # the browser COR
 command -v curl >/dev/null 2>&1 || need+=(curl)                # HTTP/2 over TLS with curl
 command -v wrk >/dev/null 2>&1 || need+=(wrk)                  # soak and load benchmarks
 command -v go >/dev/null 2>&1 || need+=(golang-go)             # a net/http upstream, as the control plane is
+command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)  # a real DNS server whose answers tests change
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2

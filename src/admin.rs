@@ -14,12 +14,15 @@ use crate::config::Secret;
 use crate::envelope;
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
+use crate::state::State;
 use crate::store::shared::StoreHealth;
+use arc_swap::ArcSwap;
 
 /// The admin HTTP app.
 pub struct Admin {
     metrics: Arc<Metrics>,
     store: Arc<StoreHealth>,
+    state: Arc<ArcSwap<State>>,
     reloader: Arc<Reloader>,
     token: Option<Secret>,
 }
@@ -30,12 +33,14 @@ impl Admin {
     pub fn new(
         metrics: Arc<Metrics>,
         store: Arc<StoreHealth>,
+        state: Arc<ArcSwap<State>>,
         reloader: Arc<Reloader>,
         token: Option<Secret>,
     ) -> Self {
         Admin {
             metrics,
             store,
+            state,
             reloader,
             token,
         }
@@ -58,12 +63,46 @@ impl Admin {
 }
 
 impl Admin {
-    /// `/readyz`: always 200 while serving. Degraded still serves: the in-process store
-    /// stands in for Redis, so taking the replica out of rotation would only make things
-    /// worse. With Redis, what the last probe saw of it.
-    fn readiness(&self) -> Vec<u8> {
+    /// `/readyz`: 200 while serving, 503 only until every upstream given by name has resolved
+    /// once (before that the gateway has nowhere to send it). Degraded still serves: the
+    /// in-process store stands in for Redis, so taking the replica out of rotation would only
+    /// make things worse. With Redis, what the last probe saw of it; each upstream's servers.
+    fn readiness(&self) -> (StatusCode, Vec<u8>) {
+        let state = self.state.load();
+        let mut unresolved = Vec::new();
+        let upstreams: Vec<serde_json::Value> = state
+            .pools
+            .iter()
+            .map(|pool| {
+                let mut u = serde_json::json!({
+                    "name": pool.name,
+                    "servers": pool.server_count_now(),
+                    "in_rotation": pool.healthy_servers(),
+                });
+                if let Some(names) = pool.names() {
+                    if !names.known() {
+                        unresolved.push(pool.name.clone());
+                    }
+                    u["dns"] = if names.failing() {
+                        "failing: last good addresses in use"
+                    } else {
+                        "ok"
+                    }
+                    .into();
+                }
+                u
+            })
+            .collect();
+        if !unresolved.is_empty() {
+            let message = format!("upstream names not resolved yet: {}", unresolved.join(", "));
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                envelope::body(&message).to_vec(),
+            );
+        }
         let mut data = serde_json::json!({
             "status": if self.store.degraded() { "degraded" } else { "ready" },
+            "upstreams": upstreams,
         });
         if let Some((seen, kind)) = self.store.seen() {
             data["store"] = serde_json::json!({
@@ -76,8 +115,9 @@ impl Admin {
         } else if self.store.degraded() {
             data["store"] = serde_json::json!({ "in_use": "in-process fallback" });
         }
-        serde_json::to_vec(&serde_json::json!({ "status": "success", "data": data }))
-            .unwrap_or_default()
+        let body = serde_json::to_vec(&serde_json::json!({ "status": "success", "data": data }))
+            .unwrap_or_default();
+        (StatusCode::OK, body)
     }
 }
 
@@ -141,7 +181,10 @@ impl ServeHttp for Admin {
                 envelope::CONTENT_TYPE,
                 br#"{"status":"success","data":{"status":"ok"}}"#.to_vec(),
             ),
-            (true, "/readyz") => reply(StatusCode::OK, envelope::CONTENT_TYPE, self.readiness()),
+            (true, "/readyz") => {
+                let (status, body) = self.readiness();
+                reply(status, envelope::CONTENT_TYPE, body)
+            }
             (false, "/metrics" | "/healthz" | "/readyz") => reply(
                 StatusCode::METHOD_NOT_ALLOWED,
                 envelope::CONTENT_TYPE,

@@ -23,6 +23,7 @@ mod admin;
 mod background;
 mod client_ip;
 mod connection;
+pub mod discovery;
 mod metrics;
 mod proxy;
 mod reload;
@@ -80,10 +81,11 @@ pub fn build_server(
     let mut server = pingora_server(&config, upgrade);
     let metrics = Arc::new(metrics::Metrics::new()?);
     let memory = Arc::new(store::memory::MemoryStore::new());
-    let state = state::State::new(&config, &memory).map_err(|e| BuildError::Upstream {
-        file: config.path.display().to_string(),
-        source: e,
-    })?;
+    let state =
+        state::State::new(&config, &memory, &metrics).map_err(|e| BuildError::Upstream {
+            file: config.path.display().to_string(),
+            source: e,
+        })?;
     let state = Arc::new(ArcSwap::from_pointee(state));
     background_tasks(&mut server, &config, &state, &memory, &metrics);
     let health = Arc::new(store::shared::StoreHealth::default());
@@ -102,7 +104,7 @@ pub fn build_server(
     let admin_token = config.server.admin_token.clone();
     let reloader = Arc::new(reload::Reloader::new(
         config,
-        state,
+        state.clone(),
         memory,
         metrics.clone(),
     ));
@@ -110,7 +112,7 @@ pub fn build_server(
         "reload on SIGHUP",
         reload::OnSignal::new(reloader.clone()),
     ));
-    let admin_app = admin::Admin::new(metrics, health, reloader, admin_token);
+    let admin_app = admin::Admin::new(metrics, health, state.clone(), reloader, admin_token);
     let mut admin = Service::new("admin".to_string(), admin_app);
     admin.add_tcp(&admin_listen);
     server.add_service(admin);
@@ -169,8 +171,15 @@ fn background_tasks(
             let metrics = counted.clone();
             async move {
                 let now = std::time::Instant::now();
+                // Side by side: one upstream's slow DNS answer or check never delays another's.
+                let mut checks = tokio::task::JoinSet::new();
                 for pool in pools {
-                    pool.check_if_due(now).await;
+                    checks.spawn(async move {
+                        pool.check_if_due(now).await;
+                        pool
+                    });
+                }
+                while let Some(Ok(pool)) = checks.join_next().await {
                     let healthy = i64::try_from(pool.healthy_servers()).unwrap_or(i64::MAX);
                     metrics
                         .healthy_servers

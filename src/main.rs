@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use get2dial_gateway::config::{Config, LogFormat};
+use get2dial_gateway::discovery::Server;
 use get2dial_gateway::{build_server, demo};
 use pingora::services::listening::Service;
 
@@ -103,10 +104,19 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&config.log.level, config.log.format);
-    let stand_in = match (demo, &config.jwt) {
-        (false, _) => None,
-        (true, Some(jwt)) => Some((config.upstreams[0].servers[0], demo::StandIn::new(jwt))),
-        (true, None) => {
+    let first = config.upstreams.first().and_then(|u| u.servers.first());
+    let stand_in = match (demo, &config.jwt, first) {
+        (false, _, _) => None,
+        (true, Some(jwt), Some(Server::Addr(addr))) => Some((*addr, demo::StandIn::new(jwt))),
+        (true, Some(_), _) => {
+            eprintln!(
+                "error: {}: upstreams[0].servers[0]: demo serves its stand-in there, so it must \
+                 be an ip:port",
+                config_path.display()
+            );
+            return ExitCode::from(2);
+        }
+        (true, None, _) => {
             eprintln!(
                 "error: {}: demo needs a [jwt] section to sign its tokens",
                 config_path.display()

@@ -33,6 +33,15 @@ pub struct Metrics {
     pub store_degraded: prometheus::IntGauge,
     /// `gateway_store_duration_seconds{op}`: Redis round trips (rate, reserve, settle, probe).
     pub store_duration: HistogramVec,
+    /// `gateway_dns_resolutions_total{upstream,result}`: resolutions of upstream names.
+    pub dns_resolutions: IntCounterVec,
+    /// `gateway_upstream_ejections_total{upstream}`: servers ejected for failing in a row.
+    pub ejections: IntCounterVec,
+    /// `gateway_upstream_retries_total{upstream,reason}`: requests tried again on another
+    /// server (`reason`: connect, reused_connection, refused_by_budget).
+    pub retries: IntCounterVec,
+    /// `gateway_upstream_ttfb_seconds{upstream}`: request sent to first response byte.
+    pub ttfb: HistogramVec,
     /// `gateway_store_lease_units_total{event}`: rate-limit units leased from Redis.
     pub store_leases: IntCounterVec,
     /// `gateway_store_nodes{role}`: Redis masters and replicas answering, per the last probe.
@@ -137,6 +146,40 @@ impl Metrics {
         for op in ["rate", "reserve", "settle", "probe"] {
             store_duration.with_label_values(&[op]);
         }
+        let dns_resolutions = IntCounterVec::new(
+            Opts::new(
+                "gateway_dns_resolutions_total",
+                "Resolutions of upstream server names by result (ok, failed: the last good \
+                 addresses stay in use).",
+            ),
+            &["upstream", "result"],
+        )?;
+        let ejections = IntCounterVec::new(
+            Opts::new(
+                "gateway_upstream_ejections_total",
+                "Upstream servers taken out of the rotation for failing in a row.",
+            ),
+            &["upstream"],
+        )?;
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "gateway_upstream_retries_total",
+                "Requests tried again on another server, by reason (connect, \
+                 reused_connection), and retries the budget refused (refused_by_budget).",
+            ),
+            &["upstream", "reason"],
+        )?;
+        let ttfb = HistogramVec::new(
+            HistogramOpts::new(
+                "gateway_upstream_ttfb_seconds",
+                "Time from the request head sent upstream to the response head received.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
+            ]),
+            &["upstream"],
+        )?;
         let store_leases = IntCounterVec::new(
             Opts::new(
                 "gateway_store_lease_units_total",
@@ -222,6 +265,10 @@ impl Metrics {
         registry.register(Box::new(store_duration.clone()))?;
         registry.register(Box::new(store_nodes.clone()))?;
         registry.register(Box::new(store_leases.clone()))?;
+        registry.register(Box::new(dns_resolutions.clone()))?;
+        registry.register(Box::new(ejections.clone()))?;
+        registry.register(Box::new(retries.clone()))?;
+        registry.register(Box::new(ttfb.clone()))?;
         registry.register(Box::new(config_reloads.clone()))?;
         registry.register(Box::new(heads_refused.clone()))?;
         let last_reload_ok = prometheus::IntGauge::new(
@@ -287,6 +334,10 @@ impl Metrics {
             store_duration,
             store_nodes,
             store_leases,
+            dns_resolutions,
+            ejections,
+            retries,
+            ttfb,
             config_reloads,
             heads_refused,
             last_reload_ok,

@@ -73,7 +73,7 @@ impl Reloader {
                 "changed in the file but needs a restart; keeping the running value"
             );
         }
-        let state = State::new(&config, &self.memory)
+        let state = State::new(&config, &self.memory, &self.metrics)
             .map_err(|e| format!("{}: {e}", self.path.display()))?;
         // Everything validated: from here on nothing fails. The TLS acceptor keeps its
         // certificate resolver, which takes over the new certificates.

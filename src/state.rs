@@ -10,6 +10,7 @@ use std::time::Duration;
 use crate::auth::jwt::Verifier;
 use crate::client_ip::TrustedProxies;
 use crate::config::{Config, Cors, IdentityHeaders, PlainMode, Security};
+use crate::metrics::Metrics;
 use crate::routes::{Route, RouteTable};
 use crate::scrub::Scrub;
 use crate::store::memory::MemoryStore;
@@ -56,8 +57,13 @@ pub struct State {
 
 impl State {
     /// Builds the snapshot for `config`, its rate-limit policies registered with `memory`
-    /// (which gives each its limiter slot: a policy must be registered to be counted).
-    pub fn new(config: &Config, memory: &MemoryStore) -> std::io::Result<State> {
+    /// (which gives each its limiter slot: a policy must be registered to be counted), its
+    /// upstream names resolved by a DNS client of its own.
+    pub fn new(
+        config: &Config,
+        memory: &MemoryStore,
+        metrics: &Arc<Metrics>,
+    ) -> std::io::Result<State> {
         let mut routes = config.routes.clone();
         let mut limits: Vec<&mut Limit> = routes
             .iter_mut()
@@ -65,10 +71,11 @@ impl State {
             .collect();
         memory.register(&mut limits);
         let routes = RouteTable::new(routes);
+        let dns = Arc::new(crate::discovery::Dns::new(&config.dns));
         let pools = config
             .upstreams
             .iter()
-            .map(|u| Ok(Arc::new(Pool::new(u)?)))
+            .map(|u| Ok(Arc::new(Pool::new(u, &dns, metrics)?)))
             .collect::<std::io::Result<Vec<_>>>()?;
         Ok(State {
             routes,

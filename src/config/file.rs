@@ -36,6 +36,9 @@ pub struct FileConfig {
     /// `[store]`: where lockout and rate-limit state lives.
     #[serde(default)]
     pub store: FileStore,
+    /// `[dns]`: how upstream server names are resolved.
+    #[serde(default)]
+    pub dns: FileDns,
     /// `[log]`: log level and format.
     #[serde(default)]
     pub log: FileLog,
@@ -729,6 +732,71 @@ pub struct FileUpstream {
     /// Verify the servers' certificates; turning it off is logged as a warning at start.
     #[serde(default = "default_true")]
     pub verify_certificate: bool,
+    /// Passive outlier ejection; absent: off.
+    #[serde(default)]
+    pub outlier_detection: Option<FileOutlier>,
+    /// How many retries the upstream may take on top of its requests.
+    #[serde(default)]
+    pub retry_budget: FileRetryBudget,
+}
+
+/// `outlier_detection = { ... }` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileOutlier {
+    /// Failures in a row (connect failure, reset, timeout, 5xx) that eject a server.
+    #[serde(default = "default_consecutive_failures")]
+    pub consecutive_failures: u32,
+    /// How long a first ejection lasts; each repeat doubles it.
+    #[serde(default = "default_ejection_ms")]
+    pub ejection_ms: u64,
+    /// Longest ejection.
+    #[serde(default = "default_max_ejection_ms")]
+    pub max_ejection_ms: u64,
+    /// Most of the pool ejected at once, in percent.
+    #[serde(default = "default_max_ejected_percent")]
+    pub max_ejected_percent: u32,
+}
+
+fn default_consecutive_failures() -> u32 {
+    5
+}
+fn default_ejection_ms() -> u64 {
+    5_000
+}
+fn default_max_ejection_ms() -> u64 {
+    60_000
+}
+fn default_max_ejected_percent() -> u32 {
+    50
+}
+
+/// `retry_budget = { ... }` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRetryBudget {
+    /// Retries allowed as a share of requests, in percent.
+    #[serde(default = "default_retry_percent")]
+    pub percent: u32,
+    /// Retries always allowed per second, whatever the traffic.
+    #[serde(default = "default_retry_min")]
+    pub min_per_second: u32,
+}
+
+impl Default for FileRetryBudget {
+    fn default() -> Self {
+        FileRetryBudget {
+            percent: default_retry_percent(),
+            min_per_second: default_retry_min(),
+        }
+    }
+}
+
+fn default_retry_percent() -> u32 {
+    20
+}
+fn default_retry_min() -> u32 {
+    10
 }
 
 fn default_connect_timeout() -> u64 {
@@ -790,4 +858,43 @@ pub struct FileRoute {
 /// The Get2Dial API caps request bodies at 1 MB.
 fn default_max_body() -> u64 {
     crate::routes::DEFAULT_MAX_BODY_BYTES
+}
+
+/// `[dns]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDns {
+    /// Name servers (`ip` or `ip:port`); empty: the system's.
+    #[serde(default)]
+    pub nameservers: Vec<String>,
+    /// Shortest time between two resolutions of a name.
+    #[serde(default = "default_min_ttl")]
+    pub min_ttl_ms: u64,
+    /// Longest time an answer is used.
+    #[serde(default = "default_max_ttl")]
+    pub max_ttl_ms: u64,
+    /// Longest wait for one answer.
+    #[serde(default = "default_dns_timeout")]
+    pub timeout_ms: u64,
+}
+
+impl Default for FileDns {
+    fn default() -> Self {
+        FileDns {
+            nameservers: Vec::new(),
+            min_ttl_ms: default_min_ttl(),
+            max_ttl_ms: default_max_ttl(),
+            timeout_ms: default_dns_timeout(),
+        }
+    }
+}
+
+fn default_min_ttl() -> u64 {
+    1000
+}
+fn default_max_ttl() -> u64 {
+    60_000
+}
+fn default_dns_timeout() -> u64 {
+    2000
 }

@@ -73,6 +73,8 @@ pub struct Config {
     pub limits: Limits,
     /// Where shared counters live: `None` in memory, `Some` in Redis.
     pub redis: Option<crate::store::redis::Endpoint>,
+    /// How upstream server names are resolved.
+    pub dns: crate::discovery::DnsSettings,
     /// Log settings.
     pub log: FileLog,
     /// The TLS listener, if any.
@@ -222,8 +224,8 @@ impl fmt::Debug for Secret {
 pub struct Upstream {
     /// Name from the file.
     pub name: String,
-    /// Server addresses.
-    pub servers: Vec<SocketAddr>,
+    /// Servers: addresses, host names with a port, SRV names.
+    pub servers: Vec<crate::discovery::Server>,
     /// Connect timeout.
     pub connect_timeout: Duration,
     /// Read timeout.
@@ -236,6 +238,10 @@ pub struct Upstream {
     pub health_check: Option<HealthCheck>,
     /// TLS to the servers, when configured.
     pub tls: Option<UpstreamTls>,
+    /// Passive outlier ejection, when configured.
+    pub outlier: Option<crate::upstreams::OutlierPolicy>,
+    /// Retries allowed on top of requests.
+    pub retry_budget: crate::upstreams::RetryBudgetPolicy,
 }
 
 /// A validated health check of an upstream's servers.

@@ -347,3 +347,79 @@ fn redis_topologies_name_what_they_miss() {
         assert!(e.starts_with("gw.toml: ") && e.contains(key), "{body}: {e}");
     }
 }
+
+#[test]
+fn servers_are_addresses_host_names_or_srv_names() {
+    use crate::discovery::Server;
+    let with = |servers: &str, extra: &str| {
+        parse(&format!(
+            "{extra}\n[[upstreams]]\nname = \"control\"\nservers = [{servers}]\n\
+             [[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"control\"\nauth = \"public\"\n"
+        ))
+    };
+    let c = with(
+        r#""127.0.0.1:8081", "Control.Default.svc.cluster.local:8080", "_http._tcp.control.default.svc.cluster.local""#,
+        "",
+    )
+    .unwrap();
+    assert_eq!(
+        c.upstreams[0].servers,
+        vec![
+            Server::Addr("127.0.0.1:8081".parse().unwrap()),
+            Server::Host("control.default.svc.cluster.local".into(), 8080),
+            Server::Srv("_http._tcp.control.default.svc.cluster.local".into()),
+        ]
+    );
+    for bad in [
+        r#""control""#,
+        r#""control:0""#,
+        r#""control:http""#,
+        r#""-bad-.example:80""#,
+        r#""_http.control""#,
+        r#""a b:80""#,
+    ] {
+        let e = with(bad, "").unwrap_err().to_string();
+        assert!(e.contains("upstreams[0].servers[0]"), "{bad}: {e}");
+    }
+    let dns = with(
+        r#""control:8080""#,
+        "[dns]\nnameservers = [\"10.0.0.10\", \"127.0.0.1:5353\"]\nmin_ttl_ms = 500\nmax_ttl_ms = 5000",
+    )
+    .unwrap()
+    .dns;
+    assert_eq!(
+        dns.nameservers,
+        vec![
+            "10.0.0.10:53".parse().unwrap(),
+            "127.0.0.1:5353".parse().unwrap()
+        ]
+    );
+    for (extra, key) in [
+        ("[dns]\nnameservers = [\"resolver\"]", "dns.nameservers[0]"),
+        ("[dns]\nmin_ttl_ms = 5000\nmax_ttl_ms = 1000", "dns.max_ttl_ms"),
+    ] {
+        let e = with(r#""control:8080""#, extra).unwrap_err().to_string();
+        assert!(e.contains(key), "{extra}: {e}");
+    }
+}
+
+#[test]
+fn outlier_detection_is_checked() {
+    let with = |o: &str| {
+        parse(&format!(
+            "[[upstreams]]\nname = \"control\"\nservers = [\"127.0.0.1:1\"]\noutlier_detection = {{ {o} }}\n\
+             [[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"control\"\nauth = \"public\"\n"
+        ))
+    };
+    let c = with("").unwrap();
+    let o = c.upstreams[0].outlier.clone().unwrap();
+    assert_eq!((o.consecutive_failures, o.max_ejected_percent), (5, 50));
+    for (o, key) in [
+        ("consecutive_failures = 0", "consecutive_failures"),
+        ("max_ejected_percent = 101", "max_ejected_percent"),
+        ("ejection_ms = 5000, max_ejection_ms = 100", "max_ejection_ms"),
+    ] {
+        let e = with(o).unwrap_err().to_string();
+        assert!(e.contains(key), "{o}: {e}");
+    }
+}

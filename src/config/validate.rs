@@ -107,6 +107,7 @@ impl Validator<'_> {
             lockout,
             limits,
             redis,
+            dns: self.dns(&file.dns)?,
             log: file.log.clone(),
             tls,
             cors,

@@ -33,6 +33,7 @@ use crate::rewrite::{self, Plan, Rewrite};
 use crate::routes::Route;
 use crate::state::State;
 use crate::store::Store;
+use crate::upstreams::{Outcome, Pool};
 use answer::{envelope_headers, respond, status_for, upstream_failure_kind};
 
 /// Label used for requests that matched no route.
@@ -70,6 +71,10 @@ pub struct Ctx {
     empty_error: Option<Vec<(HeaderName, HeaderValue)>>,
     /// Upstream selections so far (bounds connect retries).
     tries: usize,
+    /// The server of the current try.
+    server: Option<std::net::SocketAddr>,
+    /// When the request head went to it.
+    sent_at: Option<Instant>,
     /// Request body bytes seen so far.
     body_bytes: u64,
     /// When the request was whole (its body's last byte arrived), if it had a body.
@@ -123,6 +128,8 @@ impl ProxyHttp for Gateway {
             rewrite: None,
             empty_error: None,
             tries: 0,
+            server: None,
+            sent_at: None,
             body_bytes: 0,
             request_done: None,
             answered_at: None,
@@ -181,17 +188,20 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
-    /// The next healthy server of the route's upstream.
+    /// The next healthy server of the route's upstream that is not ejected.
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         ctx.tries += 1;
-        let Some(route) = ctx.route.as_ref() else {
-            return Error::e_explain(ErrorType::InternalError, "no route for upstream_peer");
+        let Some(pool) = self.pool(ctx) else {
+            return Error::e_explain(ErrorType::InternalError, "no upstream for the route");
         };
-        let Some(pool) = ctx.state.pool(route) else {
-            return Error::e_explain(ErrorType::InternalError, "route names a missing upstream");
-        };
+        if ctx.tries == 1 {
+            pool.earn_retry();
+        }
         match pool.select() {
-            Some(peer) => Ok(peer),
+            Some(peer) => {
+                ctx.server = peer._address.as_inet().copied();
+                Ok(peer)
+            }
             None => {
                 self.count_upstream_failure(ctx, "no_healthy_server");
                 Error::e_explain(ErrorType::HTTPStatus(503), "no healthy upstream server")
@@ -199,7 +209,8 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    /// A refused or timed-out connect moves on to the next server, once per server.
+    /// A refused or timed-out connect (nothing reached the server) moves on to the next
+    /// server, once per server, while the upstream's retry budget allows.
     fn fail_to_connect(
         &self,
         _session: &mut Session,
@@ -207,16 +218,47 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        let servers = ctx
-            .route
-            .as_ref()
-            .and_then(|r| ctx.state.pool(r))
-            .map_or(1, |p| p.server_count());
-        if ctx.tries < servers {
+        let Some(pool) = self.pool(ctx) else {
+            return e;
+        };
+        if let Some(server) = ctx.server {
+            pool.record(server, Outcome::Failure);
+        }
+        if ctx.tries < pool.server_count() {
             if let Some(kind) = upstream_failure_kind(&e) {
                 self.count_upstream_failure(ctx, kind);
             }
-            e.set_retry(true);
+            e.set_retry(self.may_retry(&pool, "connect"));
+        }
+        e
+    }
+
+    /// A failure after the request went out: an idempotent request on a reused connection (the
+    /// server may have closed it idle, having seen nothing) is tried again on the next server,
+    /// while the budget allows; anything else, a POST above all, never is.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        let pool = self.pool(ctx);
+        if let (Some(pool), Some(server)) = (&pool, ctx.server) {
+            pool.record(server, Outcome::Failure);
+        }
+        let safe = session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated();
+        if !safe {
+            e.set_retry(false);
+            return e;
+        }
+        e.retry.decide_reuse(client_reused);
+        if e.retry() {
+            let allowed = pool.is_some_and(|p| self.may_retry(&p, "reused_connection"));
+            e.set_retry(allowed);
         }
         e
     }
@@ -228,6 +270,7 @@ impl ProxyHttp for Gateway {
         upstream_request: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        ctx.sent_at = Some(Instant::now());
         forward::upstream_request(session, upstream_request, ctx)
     }
 
@@ -239,6 +282,22 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         ctx.upstream_status = Some(upstream_response.status.as_u16());
+        if let Some(pool) = self.pool(ctx) {
+            if let Some(sent) = ctx.sent_at {
+                self.metrics
+                    .ttfb
+                    .with_label_values(&[pool.name.as_str()])
+                    .observe(sent.elapsed().as_secs_f64());
+            }
+            if let Some(server) = ctx.server {
+                let outcome = if upstream_response.status.is_server_error() {
+                    Outcome::Failure
+                } else {
+                    Outcome::Success
+                };
+                pool.record(server, outcome);
+            }
+        }
         // Settle the login guess now, before the client sees the answer: a client that retries
         // at once must find its failure already counted.
         if !upstream_response.status.is_informational() {
@@ -425,6 +484,22 @@ impl Gateway {
             .login_attempts
             .with_label_values(&[outcome])
             .inc();
+    }
+
+    /// The route's upstream pool.
+    fn pool(&self, ctx: &Ctx) -> Option<Arc<Pool>> {
+        ctx.route.as_ref().and_then(|r| ctx.state.pool(r)).cloned()
+    }
+
+    /// Takes a retry from `pool`'s budget, counting it (or its refusal) under `reason`.
+    fn may_retry(&self, pool: &Pool, reason: &str) -> bool {
+        let allowed = pool.take_retry();
+        let reason = if allowed { reason } else { "refused_by_budget" };
+        self.metrics
+            .retries
+            .with_label_values(&[pool.name.as_str(), reason])
+            .inc();
+        allowed
     }
 
     fn count_upstream_failure(&self, ctx: &Ctx, kind: &str) {

@@ -34,7 +34,7 @@ impl Validator<'_> {
                 .servers
                 .iter()
                 .enumerate()
-                .map(|(j, s)| self.addr(&format!("upstreams[{i}].servers[{j}]"), s))
+                .map(|(j, s)| self.upstream_server(&format!("upstreams[{i}].servers[{j}]"), s))
                 .collect::<Result<Vec<_>, _>>()?;
             upstreams.push(Upstream {
                 name: u.name.clone(),
@@ -45,6 +45,11 @@ impl Validator<'_> {
                 idle_timeout: self.millis(&key("idle_timeout_ms"), u.idle_timeout_ms)?,
                 health_check: self.health_check(i, u)?,
                 tls: self.upstream_tls(i, u)?,
+                outlier: self.outlier(i, u)?,
+                retry_budget: crate::upstreams::RetryBudgetPolicy {
+                    percent: u.retry_budget.percent.min(100),
+                    min_per_second: u.retry_budget.min_per_second,
+                },
             });
         }
 
@@ -362,6 +367,104 @@ impl Validator<'_> {
         })
     }
 
+    /// `outlier_detection` of upstream `i`.
+    fn outlier(
+        &self,
+        i: usize,
+        u: &FileUpstream,
+    ) -> Result<Option<crate::upstreams::OutlierPolicy>, ConfigError> {
+        let Some(o) = &u.outlier_detection else {
+            return Ok(None);
+        };
+        let key = |k: &str| format!("upstreams[{i}].outlier_detection.{k}");
+        if o.consecutive_failures == 0 {
+            return Err(self.err(key("consecutive_failures"), "must be at least 1"));
+        }
+        if o.max_ejected_percent > 100 {
+            return Err(self.err(key("max_ejected_percent"), "must be at most 100"));
+        }
+        let ejection = self.millis(&key("ejection_ms"), o.ejection_ms)?;
+        let max_ejection = self.millis(&key("max_ejection_ms"), o.max_ejection_ms)?;
+        if max_ejection < ejection {
+            return Err(self.err(key("max_ejection_ms"), "must not be below ejection_ms"));
+        }
+        Ok(Some(crate::upstreams::OutlierPolicy {
+            consecutive_failures: o.consecutive_failures,
+            ejection,
+            max_ejection,
+            max_ejected_percent: o.max_ejected_percent,
+        }))
+    }
+
+    /// One `servers` entry: `ip:port`, `host:port`, or an SRV name `_service._proto.domain`.
+    fn upstream_server(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> Result<crate::discovery::Server, ConfigError> {
+        use crate::discovery::Server;
+        if let Ok(addr) = value.parse() {
+            return Ok(Server::Addr(addr));
+        }
+        let bad = || {
+            self.err(
+                key,
+                format!(
+                    "`{value}` is not `ip:port`, `host:port` or an SRV name \
+                     (`_service._proto.domain`)"
+                ),
+            )
+        };
+        if value.starts_with('_') {
+            if !is_dns_name(value) || value.split('.').count() < 3 {
+                return Err(bad());
+            }
+            return Ok(Server::Srv(value.to_ascii_lowercase()));
+        }
+        let (host, port) = value.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        if port == 0 || !is_dns_name(host) || host.starts_with('_') {
+            return Err(bad());
+        }
+        Ok(Server::Host(host.to_ascii_lowercase(), port))
+    }
+
+    /// `[dns]`.
+    pub(super) fn dns(
+        &self,
+        d: &crate::config::file::FileDns,
+    ) -> Result<crate::discovery::DnsSettings, ConfigError> {
+        let nameservers = d
+            .nameservers
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                n.parse::<SocketAddr>()
+                    .or_else(|_| {
+                        n.parse::<std::net::IpAddr>()
+                            .map(|ip| SocketAddr::new(ip, 53))
+                    })
+                    .map_err(|_| {
+                        self.err(
+                            format!("dns.nameservers[{i}]"),
+                            format!("`{n}` is not an IP address (with an optional port)"),
+                        )
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let min_ttl = self.millis("dns.min_ttl_ms", d.min_ttl_ms)?;
+        let max_ttl = self.millis("dns.max_ttl_ms", d.max_ttl_ms)?;
+        if max_ttl < min_ttl {
+            return Err(self.err("dns.max_ttl_ms", "must not be below dns.min_ttl_ms"));
+        }
+        Ok(crate::discovery::DnsSettings {
+            nameservers,
+            min_ttl,
+            max_ttl,
+            timeout: self.millis("dns.timeout_ms", d.timeout_ms)?,
+        })
+    }
+
     /// One Redis URL under `key`: written out (without credentials) or read from
     /// `env:NAME` / `file:PATH`.
     fn redis_url(&self, key: &str, source: &str) -> Result<String, ConfigError> {
@@ -399,4 +502,21 @@ impl Validator<'_> {
         }
         Ok(url)
     }
+}
+
+/// A DNS name: dot-separated labels of letters, digits, `-` and `_`, 1-63 bytes each, 253 in
+/// all (a trailing dot allowed).
+fn is_dns_name(s: &str) -> bool {
+    let s = s.strip_suffix('.').unwrap_or(s);
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
 }
