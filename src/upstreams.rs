@@ -148,6 +148,16 @@ impl Pool {
             Some([addr]) if u.health_check.is_none() => Some(peer(u, *addr, &ca)),
             _ => None,
         };
+        // Every series a panel or an alert reads exists at 0 from the start.
+        let name = u.name.as_str();
+        for reason in ["connect", "reused_connection", "refused_by_budget"] {
+            metrics.retries.with_label_values(&[name, reason]);
+        }
+        metrics.ejections.with_label_values(&[name]);
+        metrics.ttfb.with_label_values(&[name]);
+        for result in ["ok", "failed"] {
+            metrics.dns_resolutions.with_label_values(&[name, result]);
+        }
         let pool = Pool {
             name: u.name.clone(),
             balancer,

@@ -396,7 +396,10 @@ fn servers_are_addresses_host_names_or_srv_names() {
     );
     for (extra, key) in [
         ("[dns]\nnameservers = [\"resolver\"]", "dns.nameservers[0]"),
-        ("[dns]\nmin_ttl_ms = 5000\nmax_ttl_ms = 1000", "dns.max_ttl_ms"),
+        (
+            "[dns]\nmin_ttl_ms = 5000\nmax_ttl_ms = 1000",
+            "dns.max_ttl_ms",
+        ),
     ] {
         let e = with(r#""control:8080""#, extra).unwrap_err().to_string();
         assert!(e.contains(key), "{extra}: {e}");
@@ -417,7 +420,10 @@ fn outlier_detection_is_checked() {
     for (o, key) in [
         ("consecutive_failures = 0", "consecutive_failures"),
         ("max_ejected_percent = 101", "max_ejected_percent"),
-        ("ejection_ms = 5000, max_ejection_ms = 100", "max_ejection_ms"),
+        (
+            "ejection_ms = 5000, max_ejection_ms = 100",
+            "max_ejection_ms",
+        ),
     ] {
         let e = with(o).unwrap_err().to_string();
         assert!(e.contains(key), "{o}: {e}");
