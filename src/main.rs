@@ -67,7 +67,7 @@ enum Command {
 /// Logs to stderr at `level` (`RUST_LOG` overrides it), as JSON lines or text. The Redis
 /// client's own lines stay at errors unless `level` names it: it warns on every reconnect
 /// attempt, while the gateway reports each change of the store's state once.
-fn init_logging(level: &str, format: LogFormat) {
+fn init_logging(level: &str, format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let level = if level.contains("redis") {
         level.to_string()
     } else {
@@ -76,13 +76,15 @@ fn init_logging(level: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = get2dial_gateway::log_sink::stderr();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(get2dial_gateway::redact::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
     }
+    guard
 }
 
 #[cfg(feature = "mimalloc")]
@@ -103,7 +105,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(&config.log.level, config.log.format);
+    // Held to the end of `main`: dropping it writes out the lines still queued.
+    let _log = init_logging(&config.log.level, config.log.format);
     let first = config.upstreams.first().and_then(|u| u.servers.first());
     let stand_in = match (demo, &config.jwt, first) {
         (false, _, _) => None,
@@ -148,7 +151,10 @@ fn main() -> ExitCode {
             if let Some(addr) = stand_in_addr {
                 print_demo_help(&config, addr);
             }
-            server.run_forever()
+            // `run` (not `run_forever`, which exits the process) returns after a shutdown, so
+            // the log queue is written out before the process ends.
+            server.run(pingora::server::RunArgs::default());
+            ExitCode::SUCCESS
         }
         Err(e) => {
             eprintln!("error: {e}");

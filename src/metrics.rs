@@ -33,6 +33,8 @@ pub struct Metrics {
     pub store_degraded: prometheus::IntGauge,
     /// `gateway_store_duration_seconds{op}`: Redis round trips (rate, reserve, settle, probe).
     pub store_duration: HistogramVec,
+    /// `gateway_log_lines_dropped_total`: log lines dropped because the writer's queue was full.
+    pub log_lines_dropped: IntCounter,
     /// `gateway_dns_resolutions_total{upstream,result}`: resolutions of upstream names.
     pub dns_resolutions: IntCounterVec,
     /// `gateway_upstream_ejections_total{upstream}`: servers ejected for failing in a row.
@@ -146,6 +148,11 @@ impl Metrics {
         for op in ["rate", "reserve", "settle", "probe"] {
             store_duration.with_label_values(&[op]);
         }
+        let log_lines_dropped = IntCounter::new(
+            "gateway_log_lines_dropped_total",
+            "Log lines (access lines included) dropped because the log writer's queue was full: \
+             the proxy never waits for the log.",
+        )?;
         let dns_resolutions = IntCounterVec::new(
             Opts::new(
                 "gateway_dns_resolutions_total",
@@ -266,6 +273,7 @@ impl Metrics {
         registry.register(Box::new(store_nodes.clone()))?;
         registry.register(Box::new(store_leases.clone()))?;
         registry.register(Box::new(dns_resolutions.clone()))?;
+        registry.register(Box::new(log_lines_dropped.clone()))?;
         registry.register(Box::new(ejections.clone()))?;
         registry.register(Box::new(retries.clone()))?;
         registry.register(Box::new(ttfb.clone()))?;
@@ -335,6 +343,7 @@ impl Metrics {
             store_nodes,
             store_leases,
             dns_resolutions,
+            log_lines_dropped,
             ejections,
             retries,
             ttfb,
@@ -349,6 +358,12 @@ impl Metrics {
 
     /// The registry in Prometheus text exposition format.
     pub fn render(&self) -> Vec<u8> {
+        // The log writer counts its own drops; the counter catches up at each scrape.
+        let dropped = crate::log_sink::dropped();
+        let seen = self.log_lines_dropped.get();
+        if dropped > seen {
+            self.log_lines_dropped.inc_by(dropped - seen);
+        }
         let mut out = Vec::with_capacity(8 * 1024);
         // Encoding into a Vec only fails on a malformed family, which registration rules out.
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {

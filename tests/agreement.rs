@@ -940,7 +940,7 @@ auth = "jwt_query"
     );
     r.assert_envelope(502, "upstream unavailable");
     let _ = gw.metrics();
-    let log = gw.log();
+    let log = gw.log_when(|l| l.contains("retry: false, GET /dead-ws/agent"));
     assert!(
         log.contains("ERROR") || log.contains("error"),
         "no upstream failure was logged: {log}"

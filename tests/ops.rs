@@ -170,11 +170,8 @@ fn reload_under_load_drops_nothing_and_refuses_bad_files() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(gw.get("/u/ok").status, 200);
-    assert!(
-        gw.log().contains("configuration reload refused"),
-        "{}",
-        gw.log()
-    );
+    let log = gw.log_when(|l| l.contains("configuration reload refused"));
+    assert!(log.contains("configuration reload refused"), "{log}");
 
     // 3. The admin endpoint reloads too, for the admin token only, and reports why a file is
     //    refused.
@@ -242,18 +239,38 @@ fn access_log_is_one_json_line_per_request_without_secrets() {
         &[("G2D_OPS_SECRET", secret), ("RUST_LOG", "error,access=info")],
         &[],
     );
-    let r = gw.send(b"GET /u/ok?x=1 HTTP/1.1\r\nHost: t\r\nX-Request-Id: log-test-1\r\n\r\n");
+    let long_agent = "a".repeat(1000);
+    let r = gw.send(
+        format!(
+            "GET /u/ok?x=1 HTTP/1.1\r\nHost: t\r\nX-Request-Id: log-test-1\r\nUser-Agent: {long_agent}\r\n\r\n"
+        )
+        .as_bytes(),
+    );
     assert_eq!(r.status, 200);
     gw.get("/ws/agent?token=secret-token-value");
     gw.get("/nowhere");
-    gw.metrics(); // settles: the access line is written in the same phase as the counters
-    let log = gw.log();
-    let lines: Vec<serde_json::Value> = log
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .filter(|v: &serde_json::Value| v["target"] == "access")
-        .collect();
-    assert_eq!(lines.len(), 3, "{log}");
+    // A client's fault: a body that is not chunked as it says (400).
+    let bad = gw.send(
+        b"POST /u/ok HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    );
+    assert_eq!(bad.status, 400);
+    // Lines are written by the log thread: wait for all four.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let (log, lines) = loop {
+        let log = gw.log();
+        let lines: Vec<serde_json::Value> = log
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|v: &serde_json::Value| v["target"] == "access")
+            .collect();
+        if lines.len() >= 4 || std::time::Instant::now() > deadline {
+            break (log, lines);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(lines.len(), 4, "{log}");
+    // Client faults are not errors of the gateway: no ERROR line for them.
+    assert!(!log.contains("\"level\":\"ERROR\""), "{log}");
     // Lines are written after each answer went out, so their order may differ from the requests'.
     let by_path = |p: &str| {
         lines
@@ -274,9 +291,17 @@ fn access_log_is_one_json_line_per_request_without_secrets() {
         "bytes",
         "client_ip",
         "auth",
+        "server",
+        "ttfb_ms",
+        "retries",
+        "bytes_in",
+        "user_agent",
     ] {
         assert!(!first[field].is_null(), "missing {field}: {first}");
     }
+    assert_eq!(first["server"], up.addr.to_string());
+    assert_eq!(first["retries"], 0);
+    assert_eq!(first["user_agent"].as_str().map(str::len), Some(256));
     assert_eq!(first["request_id"], "log-test-1");
     assert_eq!(first["path"], "/u/ok");
     assert_eq!(first["status"], 200);

@@ -75,6 +75,8 @@ pub struct Ctx {
     server: Option<std::net::SocketAddr>,
     /// When the request head went to it.
     sent_at: Option<Instant>,
+    /// From the head sent to the upstream's answer head.
+    ttfb: Option<Duration>,
     /// Request body bytes seen so far.
     body_bytes: u64,
     /// When the request was whole (its body's last byte arrived), if it had a body.
@@ -130,6 +132,7 @@ impl ProxyHttp for Gateway {
             tries: 0,
             server: None,
             sent_at: None,
+            ttfb: None,
             body_bytes: 0,
             request_done: None,
             answered_at: None,
@@ -284,10 +287,12 @@ impl ProxyHttp for Gateway {
         ctx.upstream_status = Some(upstream_response.status.as_u16());
         if let Some(pool) = self.pool(ctx) {
             if let Some(sent) = ctx.sent_at {
+                let ttfb = sent.elapsed();
+                ctx.ttfb = Some(ttfb);
                 self.metrics
                     .ttfb
                     .with_label_values(&[pool.name.as_str()])
-                    .observe(sent.elapsed().as_secs_f64());
+                    .observe(ttfb.as_secs_f64());
             }
             if let Some(server) = ctx.server {
                 let outcome = if upstream_response.status.is_server_error() {
@@ -346,6 +351,20 @@ impl ProxyHttp for Gateway {
             rw.on_body(body, end_of_stream);
         }
         Ok(None)
+    }
+
+    /// Pingora's own ERROR line for a failed request is kept for the gateway's and the
+    /// upstream's faults; a client's (a bad request, a client gone) and the gateway's refusals
+    /// (4xx it chose to answer) are debug lines, so they never flood the error log. A bodyless
+    /// upstream error is not a failure at all: it was answered with its envelope.
+    fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, e: &Error) -> bool {
+        let client_side = *e.esource() == pingora::ErrorSource::Downstream
+            || matches!(e.etype(), ErrorType::HTTPStatus(code) if (400..500).contains(code))
+            || ctx.empty_error.is_some();
+        if client_side {
+            tracing::debug!(error = %e, "request ended by the client or refused");
+        }
+        client_side
     }
 
     /// Every failure becomes an envelope with the right status, unless the answer already
@@ -423,16 +442,27 @@ impl ProxyHttp for Gateway {
                 .and_then(|r| ctx.state.pool(r))
                 .map_or("", |p| p.name.as_str());
             // The path only: a query may carry a token (`?token=` on WebSocket routes).
+            let req = session.req_header();
+            let user_agent = req
+                .headers
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .map_or("", |ua| bounded(ua, MAX_LOGGED_USER_AGENT));
             tracing::info!(
                 target: "access",
                 request_id = request_id::as_str(&ctx.request_id),
                 route,
-                method = %session.req_header().method,
-                path = session.req_header().uri.path(),
+                method = %req.method,
+                path = req.uri.path(),
                 status,
                 upstream,
+                server = %ServerText(ctx.server),
                 duration_ms = ctx.start.elapsed().as_secs_f64() * 1000.0,
+                ttfb_ms = ctx.ttfb.map(|t| t.as_secs_f64() * 1000.0),
+                retries = ctx.tries.saturating_sub(1),
+                bytes_in = ctx.body_bytes,
                 bytes = session.body_bytes_sent(),
+                user_agent,
                 client_ip = %ClientText(&ctx.client),
                 auth = ctx.auth,
             );
@@ -522,6 +552,34 @@ fn is_preflight(session: &Session) -> bool {
         && req
             .headers
             .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+}
+
+/// Longest user agent written to the access log (longer ones are cut at a character boundary).
+const MAX_LOGGED_USER_AGENT: usize = 256;
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+fn bounded(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// The upstream server as the access log writes it: its address, or empty before one was
+/// chosen.
+struct ServerText(Option<std::net::SocketAddr>);
+
+impl std::fmt::Display for ServerText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => write!(f, "{a}"),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The client as the access log writes it: the address, or the unknown hop's text.

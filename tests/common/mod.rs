@@ -180,6 +180,19 @@ impl Gateway {
         std::fs::read_to_string(self.dir().join("gateway.log")).unwrap_or_default()
     }
 
+    /// The log once `ready` holds for it (lines are written by a thread of their own, a moment
+    /// after the event), or as it is after 5 s.
+    pub fn log_when(&self, ready: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let log = self.log();
+            if ready(&log) || Instant::now() > deadline {
+                return log;
+            }
+            thread::sleep(Duration::from_millis(25));
+        }
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
