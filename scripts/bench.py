@@ -28,6 +28,9 @@ IDLE = int(os.environ.get("BENCH_IDLE_CONNECTIONS", "10000"))
 # Gateway variants measured on the scenarios that use the store (the JWT path with two rate-limit
 # policies, the login guard): memory, one Redis, a 3-master Redis Cluster (all on core 0).
 STORES = [s for s in os.environ.get("BENCH_STORES", "memory,redis,cluster").split(",") if s]
+# The same gateway with its JSON access log on (one line per request, through the log thread),
+# measured beside the memory-store gateway (log off) on the same scenarios.
+ACCESS_LOG = os.environ.get("BENCH_ACCESS_LOG", "1") == "1"
 # Pingora's runtime for both Pingora proxies: "true" (work stealing, the default) or "false".
 WORK_STEALING = os.environ.get("BENCH_WORK_STEALING", "true")
 SECRET = "bench-secret-0123456789abcdef0123"
@@ -177,6 +180,8 @@ def main():
     bare = os.environ["BARE_PROXY_BIN"]
     up, ngx, hap, bare_port, gw, admin = (free_port() for _ in range(6))
     store_ports = {name: (free_port(), free_port()) for name in STORES if name != "memory"}
+    if ACCESS_LOG:
+        store_ports["access log"] = (free_port(), free_port())
     redis_port = free_port()
     cluster_ports = [(free_port(), free_port()) for _ in range(3)]
     with open(os.path.join(tmp, "big.bin"), "wb") as f:
@@ -229,7 +234,7 @@ backend intercept
   http-response return status 500 content-type application/json string '{ENV_500}' if {{ status 500 }}
   server up 127.0.0.1:{up}
 """)
-    def gateway_config(name, listen, admin_listen, store):
+    def gateway_config(name, listen, admin_listen, store, access_log="false"):
         write(f"{tmp}/{name}.toml", f"""
 [server]
 work_stealing = {WORK_STEALING}
@@ -239,8 +244,9 @@ threads = 1
 upgrade_sock = "{tmp}/{name}-upgrade.sock"
 {store}
 [log]
-level = "warn"
-access_log = false
+level = "{'warn,access=info' if access_log == 'true' else 'warn'}"
+format = "json"
+access_log = {access_log}
 [jwt]
 secrets = ["env:BENCH_JWT_SECRET"]
 [[upstreams]]
@@ -286,7 +292,10 @@ rate_limits = [
                    ", ".join(f'"redis://127.0.0.1:{p}"' for p, _ in cluster_ports) + "]",
     }
     for name, (listen, admin_listen) in store_ports.items():
-        gateway_config(f"gateway-{name}", listen, admin_listen, store_sections[name])
+        if name == "access log":
+            gateway_config("gateway-access log", listen, admin_listen, "", access_log="true")
+        else:
+            gateway_config(f"gateway-{name}", listen, admin_listen, store_sections[name])
     login_lua = write(f"{tmp}/login.lua", """
 local n = 0
 request = function()
@@ -396,7 +405,7 @@ end
 
         if store_targets:
             print()
-            print("| scenario | store | req/s | vs memory store | p99 vs memory store |")
+            print("| scenario | variant | req/s | vs memory store, log off | p99 vs it |")
             print("|---|---|---|---|---|")
             for s, n, r, p50, p99, rss, errors in results:
                 if n in store_targets:

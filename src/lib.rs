@@ -18,6 +18,7 @@ pub mod redact;
 pub mod rewrite;
 pub mod routes;
 pub mod store;
+pub mod trace;
 
 // The server's own parts.
 mod admin;
@@ -56,6 +57,9 @@ pub enum BuildError {
     /// The Redis client could not be set up.
     #[error("{0}")]
     Redis(String),
+    /// The span exporter could not be set up.
+    #[error("{0}")]
+    Tracing(String),
     /// The TLS listener could not be set up.
     #[error("tls: {0}")]
     Tls(String),
@@ -96,7 +100,15 @@ pub fn build_server(
             tracing::warn!(upstream = %u.name, "TLS certificate verification is OFF for this upstream");
         }
     }
-    let gateway = proxy::Gateway::new(state.clone(), metrics.clone(), store);
+    let tracing = match &config.tracing {
+        Some(settings) => {
+            Some(Arc::new(trace::Tracing::new(settings).map_err(|e| {
+                BuildError::Tracing(format!("{}: {e}", config.path.display()))
+            })?))
+        }
+        None => None,
+    };
+    let gateway = proxy::Gateway::new(state.clone(), metrics.clone(), store, tracing);
     let heads = Arc::new(proxy::HeadJudge::new(state.clone(), metrics.clone()));
     let proxy = public_service(&mut server, &config, gateway, heads)?;
     server.add_service(proxy);

@@ -154,6 +154,7 @@ fn main() -> ExitCode {
             // `run` (not `run_forever`, which exits the process) returns after a shutdown, so
             // the log queue is written out before the process ends.
             server.run(pingora::server::RunArgs::default());
+            get2dial_gateway::trace::flush();
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -120,6 +120,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if store(old) != store(new) {
         changed.push("store");
     }
+    if old.tracing != new.tracing {
+        changed.push("tracing");
+    }
     changed
 }
 

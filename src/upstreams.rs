@@ -81,6 +81,8 @@ pub struct Pool {
     /// Servers out of the rotation for failing in a row, and everyone's record.
     ejected: ArcSwap<HashSet<SocketAddr>>,
     records: Mutex<HashMap<SocketAddr, Record>>,
+    /// `gateway_upstream_ttfb_seconds` of this upstream, looked up once.
+    pub ttfb: prometheus::Histogram,
     /// Retry tokens, in thousandths.
     retry_tokens: AtomicU64,
     /// When the budget's per-second allowance was last added.
@@ -154,7 +156,7 @@ impl Pool {
             metrics.retries.with_label_values(&[name, reason]);
         }
         metrics.ejections.with_label_values(&[name]);
-        metrics.ttfb.with_label_values(&[name]);
+        let ttfb = metrics.ttfb.with_label_values(&[name]);
         for result in ["ok", "failed"] {
             metrics.dns_resolutions.with_label_values(&[name, result]);
         }
@@ -169,6 +171,7 @@ impl Pool {
             names,
             ejected: ArcSwap::from_pointee(HashSet::new()),
             records: Mutex::new(HashMap::new()),
+            ttfb,
             retry_tokens: AtomicU64::new(u64::from(u.retry_budget.min_per_second) * 1000),
             retry_refill: Mutex::new(Instant::now()),
             metrics: metrics.clone(),

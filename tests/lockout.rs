@@ -232,7 +232,29 @@ rate_limit = {{ key = "ip", per_minute = 1, burst = 4 }}
     assert_eq!(outcome(&m, "throttled"), 1.0);
 }
 
+/// Emails with braces cannot split a login's keys over two Cluster slots (the store would fail
+/// the script and fall back): every guess is counted by the shared store itself.
+fn braces_in_an_email_keep_one_slot(b: &Backend) {
+    let up = Upstream::start();
+    let gw = gateway(b, &up, "");
+    for email in ["a{b}c@example.com", "}{@example.com", "{x@example.com"] {
+        for i in 0..10 {
+            login(&gw, email, &format!("wrong-{i}")).assert_envelope(401, "invalid credentials");
+        }
+        login(&gw, email, RIGHT_PASSWORD).assert_envelope(403, LOCKED);
+    }
+    assert_eq!(up.hits.load(Ordering::SeqCst), 30);
+    let m = attempts(&gw);
+    assert_eq!(
+        m.get("gateway_store_fallbacks_total")
+            .copied()
+            .unwrap_or(0.0),
+        0.0
+    );
+}
+
 every_store!(
+    braces_in_an_email_keep_one_slot,
     strict_bodies_never_reach_the_upstream,
     ten_failures_lock_for_everyone_and_every_password,
     a_hundred_parallel_guesses_let_at_most_ten_through,

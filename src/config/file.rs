@@ -39,6 +39,9 @@ pub struct FileConfig {
     /// `[dns]`: how upstream server names are resolved.
     #[serde(default)]
     pub dns: FileDns,
+    /// `[tracing]`: OpenTelemetry spans over OTLP; absent: off.
+    #[serde(default)]
+    pub tracing: Option<FileTracing>,
     /// `[log]`: log level and format.
     #[serde(default)]
     pub log: FileLog,
@@ -897,4 +900,37 @@ fn default_max_ttl() -> u64 {
 }
 fn default_dns_timeout() -> u64 {
     2000
+}
+
+/// `[tracing]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTracing {
+    /// OTLP/HTTP traces endpoint (`http://collector:4318/v1/traces`).
+    pub otlp_endpoint: String,
+    /// Share of the traces the gateway starts that are recorded.
+    #[serde(default = "default_sample_ratio")]
+    pub sample_ratio: f64,
+    /// `service.name` of the spans.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// Spans waiting for export at most.
+    #[serde(default = "default_span_queue")]
+    pub queue_size: usize,
+    /// Longest wait for one export.
+    #[serde(default = "default_export_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn default_sample_ratio() -> f64 {
+    0.05
+}
+fn default_service_name() -> String {
+    "get2dial-gateway".into()
+}
+fn default_span_queue() -> usize {
+    4096
+}
+fn default_export_timeout() -> u64 {
+    5000
 }

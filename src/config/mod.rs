@@ -75,6 +75,8 @@ pub struct Config {
     pub redis: Option<crate::store::redis::Endpoint>,
     /// How upstream server names are resolved.
     pub dns: crate::discovery::DnsSettings,
+    /// OpenTelemetry spans, when configured.
+    pub tracing: Option<crate::trace::TraceSettings>,
     /// Log settings.
     pub log: FileLog,
     /// The TLS listener, if any.

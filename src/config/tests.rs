@@ -429,3 +429,35 @@ fn outlier_detection_is_checked() {
         assert!(e.contains(key), "{o}: {e}");
     }
 }
+
+#[test]
+fn tracing_is_checked() {
+    let with = |t: &str| parse(&format!("{MINIMAL}\n[tracing]\n{t}\n"));
+    let t = with("otlp_endpoint = \"http://127.0.0.1:4318/v1/traces\"")
+        .unwrap()
+        .tracing
+        .unwrap();
+    assert_eq!((t.sample_ratio, t.queue_size), (0.05, 4096));
+    assert!(parse(MINIMAL).unwrap().tracing.is_none());
+    for (t, key) in [
+        (
+            "otlp_endpoint = \"collector:4318\"",
+            "tracing.otlp_endpoint",
+        ),
+        (
+            "otlp_endpoint = \"https://c/v1/traces\"",
+            "tracing.otlp_endpoint",
+        ),
+        (
+            "otlp_endpoint = \"http://c/v1/traces\"\nsample_ratio = 1.5",
+            "tracing.sample_ratio",
+        ),
+        (
+            "otlp_endpoint = \"http://c/v1/traces\"\nqueue_size = 0",
+            "tracing.queue_size",
+        ),
+    ] {
+        let e = with(t).unwrap_err().to_string();
+        assert!(e.contains(key), "{t}: {e}");
+    }
+}

@@ -108,6 +108,7 @@ impl Validator<'_> {
             limits,
             redis,
             dns: self.dns(&file.dns)?,
+            tracing: file.tracing.as_ref().map(|t| self.tracing(t)).transpose()?,
             log: file.log.clone(),
             tls,
             cors,

@@ -33,7 +33,13 @@ use crate::rewrite::{self, Plan, Rewrite};
 use crate::routes::Route;
 use crate::state::State;
 use crate::store::Store;
+use crate::trace::{Span, Tracing};
 use crate::upstreams::{Outcome, Pool};
+use opentelemetry::KeyValue;
+use std::time::SystemTime;
+
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 use answer::{envelope_headers, respond, status_for, upstream_failure_kind};
 
 /// Label used for requests that matched no route.
@@ -44,15 +50,23 @@ pub struct Gateway {
     state: Arc<ArcSwap<State>>,
     metrics: Arc<Metrics>,
     store: Arc<dyn Store>,
+    tracing: Option<Arc<Tracing>>,
 }
 
 impl Gateway {
-    /// Serves requests with whatever `state` holds when each request starts.
-    pub fn new(state: Arc<ArcSwap<State>>, metrics: Arc<Metrics>, store: Arc<dyn Store>) -> Self {
+    /// Serves requests with whatever `state` holds when each request starts; with `tracing`,
+    /// each request is a span.
+    pub fn new(
+        state: Arc<ArcSwap<State>>,
+        metrics: Arc<Metrics>,
+        store: Arc<dyn Store>,
+        tracing: Option<Arc<Tracing>>,
+    ) -> Self {
         Gateway {
             state,
             metrics,
             store,
+            tracing,
         }
     }
 }
@@ -77,6 +91,10 @@ pub struct Ctx {
     sent_at: Option<Instant>,
     /// From the head sent to the upstream's answer head.
     ttfb: Option<Duration>,
+    /// The gateway's span, when tracing is on.
+    span: Option<Span>,
+    /// Its trace id, kept for the access line after the span ended.
+    trace_id: Option<String>,
     /// Request body bytes seen so far.
     body_bytes: u64,
     /// When the request was whole (its body's last byte arrived), if it had a body.
@@ -133,6 +151,8 @@ impl ProxyHttp for Gateway {
             server: None,
             sent_at: None,
             ttfb: None,
+            span: None,
+            trace_id: None,
             body_bytes: 0,
             request_done: None,
             answered_at: None,
@@ -153,6 +173,11 @@ impl ProxyHttp for Gateway {
     /// https); then every check of [`admit`](Gateway::admit), or the answer it ends with.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         self.identify(session, ctx);
+        if let Some(tracing) = &self.tracing {
+            let req = session.req_header();
+            let started = SystemTime::now() - ctx.start.elapsed();
+            ctx.span = Some(tracing.start(&req.headers, req.method.as_str(), started));
+        }
         let state = ctx.state.clone();
         if let Some(cors) = &state.cors {
             if is_preflight(session) {
@@ -274,7 +299,18 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         ctx.sent_at = Some(Instant::now());
-        forward::upstream_request(session, upstream_request, ctx)
+        forward::upstream_request(session, upstream_request, ctx)?;
+        if let Some(span) = &ctx.span {
+            // The upstream's parent is the gateway's span (the client's own goes no further).
+            upstream_request.insert_header(TRACEPARENT, span.traceparent())?;
+            match span.tracestate() {
+                Some(state) => upstream_request.insert_header(TRACESTATE, state)?,
+                None => {
+                    upstream_request.remove_header(&TRACESTATE);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Status >= 400 from the upstream: decide the rewrite while the framing can still change.
@@ -289,10 +325,7 @@ impl ProxyHttp for Gateway {
             if let Some(sent) = ctx.sent_at {
                 let ttfb = sent.elapsed();
                 ctx.ttfb = Some(ttfb);
-                self.metrics
-                    .ttfb
-                    .with_label_values(&[pool.name.as_str()])
-                    .observe(ttfb.as_secs_f64());
+                pool.ttfb.observe(ttfb.as_secs_f64());
             }
             if let Some(server) = ctx.server {
                 let outcome = if upstream_response.status.is_server_error() {
@@ -434,6 +467,10 @@ impl ProxyHttp for Gateway {
                 .with_label_values(&[route, &metrics::status_label(status)])
                 .inc();
         }
+        if let Some(span) = ctx.span.take() {
+            ctx.trace_id = Some(span.trace_id());
+            self.end_span(span, session, ctx, route, status);
+        }
         if ctx.state.access_log {
             let upstream = ctx
                 .route
@@ -451,6 +488,7 @@ impl ProxyHttp for Gateway {
             tracing::info!(
                 target: "access",
                 request_id = request_id::as_str(&ctx.request_id),
+                trace_id = ctx.trace_id.as_deref().unwrap_or(""),
                 route,
                 method = %req.method,
                 path = req.uri.path(),
@@ -514,6 +552,59 @@ impl Gateway {
             .login_attempts
             .with_label_values(&[outcome])
             .inc();
+    }
+
+    /// Ends the request's span with what became of it (OpenTelemetry HTTP semantic
+    /// conventions, and the gateway's own decisions under `gateway.*`).
+    fn end_span(&self, span: Span, session: &Session, ctx: &Ctx, route: &str, status: u16) {
+        if !span.recording() {
+            span.end(Vec::new(), None, SystemTime::now());
+            return;
+        }
+        let req = session.req_header();
+        let upstream = self.pool(ctx).map(|p| p.name.clone()).unwrap_or_default();
+        let rate_limit = match ctx.route.as_ref() {
+            Some(r) if !r.rate_limits.is_empty() => {
+                if status == 429 {
+                    "refused"
+                } else {
+                    "allowed"
+                }
+            }
+            _ => "none",
+        };
+        let rewritten = ctx.empty_error.is_some()
+            || ctx.rewrite.as_ref().is_some_and(Rewrite::violated_contract);
+        let mut attributes = vec![
+            KeyValue::new("http.request.method", req.method.to_string()),
+            KeyValue::new("http.route", route.to_string()),
+            KeyValue::new("url.path", req.uri.path().to_string()),
+            KeyValue::new("http.response.status_code", i64::from(status)),
+            KeyValue::new("client.address", ClientText(&ctx.client).to_string()),
+            KeyValue::new(
+                "gateway.request_id",
+                request_id::as_str(&ctx.request_id).to_string(),
+            ),
+            KeyValue::new("gateway.auth", ctx.auth),
+            KeyValue::new("gateway.rate_limit", rate_limit),
+            KeyValue::new("gateway.rewritten", rewritten),
+            KeyValue::new("gateway.retries", ctx.tries.saturating_sub(1) as i64),
+        ];
+        if !upstream.is_empty() {
+            attributes.push(KeyValue::new("gateway.upstream", upstream));
+        }
+        if let Some(server) = ctx.server {
+            attributes.push(KeyValue::new("server.address", server.ip().to_string()));
+            attributes.push(KeyValue::new("server.port", i64::from(server.port())));
+        }
+        if let Some(upstream_status) = ctx.upstream_status {
+            attributes.push(KeyValue::new(
+                "gateway.upstream_status_code",
+                i64::from(upstream_status),
+            ));
+        }
+        let failed = (status >= 500 || status == 0).then(|| format!("answered {status}"));
+        span.end(attributes, failed, SystemTime::now());
     }
 
     /// The route's upstream pool.

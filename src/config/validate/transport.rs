@@ -429,6 +429,40 @@ impl Validator<'_> {
         Ok(Server::Host(host.to_ascii_lowercase(), port))
     }
 
+    /// `[tracing]`.
+    pub(super) fn tracing(
+        &self,
+        t: &crate::config::file::FileTracing,
+    ) -> Result<crate::trace::TraceSettings, ConfigError> {
+        let endpoint = t.otlp_endpoint.trim();
+        match http::Uri::try_from(endpoint) {
+            Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => {}
+            _ => {
+                return Err(self.err(
+                    "tracing.otlp_endpoint",
+                    "must be an http:// URL of an OTLP/HTTP traces endpoint (a local collector \
+                     or agent), e.g. http://127.0.0.1:4318/v1/traces",
+                ))
+            }
+        }
+        if !(0.0..=1.0).contains(&t.sample_ratio) {
+            return Err(self.err("tracing.sample_ratio", "must be between 0 and 1"));
+        }
+        if !(1..=1_000_000).contains(&t.queue_size) {
+            return Err(self.err("tracing.queue_size", "must be between 1 and 1000000"));
+        }
+        if t.service_name.trim().is_empty() {
+            return Err(self.err("tracing.service_name", "must not be empty"));
+        }
+        Ok(crate::trace::TraceSettings {
+            endpoint: endpoint.to_string(),
+            sample_ratio: t.sample_ratio,
+            service_name: t.service_name.trim().to_string(),
+            queue_size: t.queue_size,
+            timeout: self.millis("tracing.timeout_ms", t.timeout_ms)?,
+        })
+    }
+
     /// `[dns]`.
     pub(super) fn dns(
         &self,
