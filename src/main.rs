@@ -76,7 +76,7 @@ fn init_logging(level: &str, format: LogFormat) -> tracing_appender::non_blockin
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let (writer, guard) = get2dial_gateway::log_sink::stderr();
+    let (writer, guard) = get2dial_gateway::log_sink::stderr(matches!(format, LogFormat::Json));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);

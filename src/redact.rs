@@ -125,11 +125,6 @@ impl<W: Write> Write for Redacting<W> {
     }
 }
 
-/// stderr, redacted: the log writer of the gateway.
-pub fn stderr() -> Redacting<std::io::Stderr> {
-    Redacting(std::io::stderr())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

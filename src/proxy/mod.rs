@@ -485,25 +485,26 @@ impl ProxyHttp for Gateway {
                 .get(header::USER_AGENT)
                 .and_then(|v| v.to_str().ok())
                 .map_or("", |ua| bounded(ua, MAX_LOGGED_USER_AGENT));
-            tracing::info!(
-                target: "access",
-                request_id = request_id::as_str(&ctx.request_id),
-                trace_id = ctx.trace_id.as_deref().unwrap_or(""),
+            let server = ctx.server.map(|s| s.to_string()).unwrap_or_default();
+            let client = ClientText(&ctx.client).to_string();
+            crate::log_sink::access(&crate::log_sink::AccessLine {
+                request_id: request_id::as_str(&ctx.request_id),
+                trace_id: ctx.trace_id.as_deref().unwrap_or(""),
                 route,
-                method = %req.method,
-                path = req.uri.path(),
+                method: req.method.as_str(),
+                path: req.uri.path(),
                 status,
                 upstream,
-                server = %ServerText(ctx.server),
-                duration_ms = ctx.start.elapsed().as_secs_f64() * 1000.0,
-                ttfb_ms = ctx.ttfb.map(|t| t.as_secs_f64() * 1000.0),
-                retries = ctx.tries.saturating_sub(1),
-                bytes_in = ctx.body_bytes,
-                bytes = session.body_bytes_sent(),
+                server: &server,
+                duration_ms: ctx.start.elapsed().as_secs_f64() * 1000.0,
+                ttfb_ms: ctx.ttfb.map(|t| t.as_secs_f64() * 1000.0),
+                retries: ctx.tries.saturating_sub(1),
+                bytes_in: ctx.body_bytes,
+                bytes: session.body_bytes_sent(),
                 user_agent,
-                client_ip = %ClientText(&ctx.client),
-                auth = ctx.auth,
-            );
+                client_ip: &client,
+                auth: ctx.auth,
+            });
         }
     }
 }
@@ -658,19 +659,6 @@ fn bounded(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
-}
-
-/// The upstream server as the access log writes it: its address, or empty before one was
-/// chosen.
-struct ServerText(Option<std::net::SocketAddr>);
-
-impl std::fmt::Display for ServerText {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Some(a) => write!(f, "{a}"),
-            None => Ok(()),
-        }
-    }
 }
 
 /// The client as the access log writes it: the address, or the unknown hop's text.
