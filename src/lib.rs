@@ -110,7 +110,7 @@ pub fn build_server(
     };
     let gateway = proxy::Gateway::new(state.clone(), metrics.clone(), store, tracing);
     let heads = Arc::new(proxy::HeadJudge::new(state.clone(), metrics.clone()));
-    let proxy = public_service(&mut server, &config, gateway, heads)?;
+    let proxy = public_service(&mut server, &config, gateway, heads, &metrics)?;
     server.add_service(proxy);
 
     let admin_listen = config.server.admin_listen.to_string();
@@ -265,6 +265,7 @@ fn public_service(
     config: &Config,
     gateway: proxy::Gateway,
     heads: Arc<proxy::HeadJudge>,
+    metrics: &Arc<metrics::Metrics>,
 ) -> Result<Service<connection::Connections<pingora::proxy::HttpProxy<proxy::Gateway>>>, BuildError>
 {
     let keepalive = config.server.keepalive_timeout;
@@ -289,10 +290,17 @@ fn public_service(
         // Over TLS the L4 read buffer saves syscalls (records are read in small pieces): kept.
         proxy.add_listener(ListenerConfig::tcp(tls.listen.to_string()).tls(settings));
         let certificates = tls.certificates.clone();
+        let metrics = metrics.clone();
         server.add_service(background_service(
             "certificate watcher",
             background::every(config.server.watch_interval, move || {
                 certificates.reload_if_changed();
+                // Certificates a reload dropped leave the metric with it.
+                let expiry = &metrics.certificate_expiry;
+                expiry.reset();
+                for (file, not_after) in certificates.expiry() {
+                    expiry.with_label_values(&[file.as_str()]).set(not_after);
+                }
                 std::future::ready(())
             }),
         ));

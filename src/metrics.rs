@@ -33,6 +33,11 @@ pub struct Metrics {
     pub store_degraded: prometheus::IntGauge,
     /// `gateway_store_duration_seconds{op}`: Redis round trips (rate, reserve, settle, probe).
     pub store_duration: HistogramVec,
+    /// `gateway_tls_certificate_expiry_timestamp_seconds{certificate}`: each served
+    /// certificate's notAfter.
+    pub certificate_expiry: IntGaugeVec,
+    /// `gateway_http_requests_in_flight`: requests begun and not yet ended.
+    pub in_flight: prometheus::IntGauge,
     /// `gateway_log_lines_dropped_total`: log lines dropped because the writer's queue was full.
     pub log_lines_dropped: IntCounter,
     /// `gateway_dns_resolutions_total{upstream,result}`: resolutions of upstream names.
@@ -148,6 +153,18 @@ impl Metrics {
         for op in ["rate", "reserve", "settle", "probe"] {
             store_duration.with_label_values(&[op]);
         }
+        let certificate_expiry = IntGaugeVec::new(
+            Opts::new(
+                "gateway_tls_certificate_expiry_timestamp_seconds",
+                "notAfter of each certificate the TLS listener serves (Unix seconds), by file; \
+                 alert on it minus time().",
+            ),
+            &["certificate"],
+        )?;
+        let in_flight = prometheus::IntGauge::new(
+            "gateway_http_requests_in_flight",
+            "Requests begun and not yet ended (upgraded connections included while open).",
+        )?;
         let log_lines_dropped = IntCounter::new(
             "gateway_log_lines_dropped_total",
             "Log lines (access lines included) dropped because the log writer's queue was full: \
@@ -274,6 +291,8 @@ impl Metrics {
         registry.register(Box::new(store_leases.clone()))?;
         registry.register(Box::new(dns_resolutions.clone()))?;
         registry.register(Box::new(log_lines_dropped.clone()))?;
+        registry.register(Box::new(certificate_expiry.clone()))?;
+        registry.register(Box::new(in_flight.clone()))?;
         registry.register(Box::new(ejections.clone()))?;
         registry.register(Box::new(retries.clone()))?;
         registry.register(Box::new(ttfb.clone()))?;
@@ -344,6 +363,8 @@ impl Metrics {
             store_leases,
             dns_resolutions,
             log_lines_dropped,
+            certificate_expiry,
+            in_flight,
             ejections,
             retries,
             ttfb,

@@ -30,6 +30,8 @@ pub struct CertSource {
 #[derive(Debug)]
 struct Loaded {
     entries: Vec<(Vec<String>, Arc<CertifiedKey>)>,
+    /// Each certificate's file and its leaf's notAfter (Unix seconds).
+    expiry: Vec<(String, i64)>,
 }
 
 impl Loaded {
@@ -48,7 +50,19 @@ impl Loaded {
                 Ok((names, Arc::new(certified_key(s)?)))
             })
             .collect::<Result<Vec<_>, String>>()?;
-        Ok(Loaded { entries })
+        let expiry = sources
+            .iter()
+            .zip(&entries)
+            .filter_map(|(s, (_, key))| {
+                let leaf = key.cert.first()?;
+                let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+                Some((
+                    s.cert_file.display().to_string(),
+                    cert.validity().not_after.timestamp(),
+                ))
+            })
+            .collect();
+        Ok(Loaded { entries, expiry })
     }
 
     fn pick(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
@@ -127,6 +141,11 @@ impl Certificates {
         self.store.store(other.store.load_full());
         *sources = new_sources.clone();
         *modified = new_modified.clone();
+    }
+
+    /// Each certificate file in use and its leaf's notAfter, in Unix seconds.
+    pub fn expiry(&self) -> Vec<(String, i64)> {
+        self.store.load().expiry.clone()
     }
 
     /// Re-reads the files when one of them changed; a set that does not load keeps the old one.

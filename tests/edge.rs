@@ -205,6 +205,22 @@ fn https_h1_and_h2_keep_the_contract() {
         m.get(r#"gateway_http_requests_total{method="GET",route="app",status="500"}"#),
         Some(&2.0)
     );
+    // Each served certificate's notAfter, in the future (rcgen's default validity).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    for file in ["api.pem", "other.pem"] {
+        let key = m
+            .keys()
+            .find(|k| {
+                k.starts_with("gateway_tls_certificate_expiry_timestamp_seconds")
+                    && k.contains(file)
+            })
+            .unwrap_or_else(|| panic!("no expiry for {file}"));
+        assert!(m[key] > now, "{key} = {}", m[key]);
+    }
+    assert_eq!(m.get("gateway_http_requests_in_flight"), Some(&0.0));
     assert_eq!(
         m.get(r#"gateway_http_requests_total{method="GET",route="api",status="401"}"#),
         Some(&2.0)

@@ -352,12 +352,19 @@ fn prometheus_rules_pass_promtool() {
 fn full_scrape() -> String {
     let up = Upstream::start();
     let dead = common::closed_port();
+    // A TLS listener too, so the certificate metrics are in the scrape.
+    let (cert, key, _) = common::tls::Pki::new().issue(&["ops.test"]);
+    let tls_port = common::free_port();
     let gw = Gateway::start_full(
         ADMIN_TOKEN_KEY,
         &format!(
             r#"
 [jwt]
 secrets = ["env:G2D_OPS_SECRET"]
+
+[tls]
+listen = "127.0.0.1:{tls_port}"
+certificates = [{{ cert_file = "ops.pem", key_file = "ops.key", server_names = ["ops.test"] }}]
 
 [[upstreams]]
 name = "app"
@@ -401,7 +408,7 @@ auth = "public"
             ("G2D_OPS_SECRET", "ops-test-secret-0123456789abcdef"),
             ("G2D_ADMIN_TOKEN", ADMIN_TOKEN),
         ],
-        &[],
+        &[("ops.pem", &cert), ("ops.key", &key)],
     );
     gw.get("/u/ok");
     gw.get("/u/html-500");
@@ -679,4 +686,35 @@ fn cli_explains_itself() {
     }
     let out = Command::new(bin).args(["run", "--help"]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("--upgrade"));
+}
+
+#[test]
+fn requests_in_flight_are_counted_until_they_end() {
+    let up = Upstream::start();
+    let gw = Arc::new(Gateway::start(&routes(&up, "")));
+    let in_flight = |gw: &Gateway| metric(gw, "gateway_http_requests_in_flight");
+    assert_eq!(in_flight(&gw), 0.0);
+    let slow = {
+        let gw = gw.clone();
+        std::thread::spawn(move || gw.get("/u/slow-headers").status)
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while in_flight(&gw) < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the slow request was never counted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(slow.join().unwrap(), 200);
+    // A client that gives up is counted out too.
+    let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+    std::io::Write::write_all(&mut s, b"GET /u/slow-headers HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while in_flight(&gw) != 0.0 {
+        assert!(Instant::now() < deadline, "a request stayed in flight");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -73,6 +73,8 @@ impl Gateway {
 
 /// What one request carries from phase to phase.
 pub struct Ctx {
+    /// Counts the request in flight until the context is dropped (its very end).
+    _in_flight: InFlight,
     /// The configuration this request runs under, from start to end.
     state: Arc<State>,
     start: Instant,
@@ -141,6 +143,7 @@ impl ProxyHttp for Gateway {
 
     fn new_ctx(&self) -> Ctx {
         Ctx {
+            _in_flight: InFlight::new(&self.metrics.in_flight),
             state: self.state.load_full(),
             start: Instant::now(),
             request_id: HeaderValue::from_static(""),
@@ -644,6 +647,23 @@ fn is_preflight(session: &Session) -> bool {
         && req
             .headers
             .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+}
+
+/// One request in `gateway_http_requests_in_flight`, for as long as it lives: a guard, so every
+/// way a request can end (answered, failed, client gone) counts it out.
+struct InFlight(prometheus::IntGauge);
+
+impl InFlight {
+    fn new(gauge: &prometheus::IntGauge) -> InFlight {
+        gauge.inc();
+        InFlight(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Longest user agent written to the access log (longer ones are cut at a character boundary).
