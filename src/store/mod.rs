@@ -7,6 +7,7 @@
 pub mod lease;
 pub mod memory;
 pub mod redis;
+mod scripts;
 pub mod shared;
 
 use std::borrow::Cow;
