@@ -486,6 +486,10 @@ fn promtool_accepts_a_real_scrape_and_the_dashboard_uses_only_real_metrics() {
             queries += 1;
             let names = metric_names(expr);
             assert!(!names.is_empty(), "{expr}");
+            assert!(
+                expr.contains(r#"instance=~"$instance""#),
+                "not scoped to the instance variable: {expr}"
+            );
             for n in names {
                 assert!(
                     exported(&n),
@@ -525,20 +529,22 @@ fn promtool_accepts_a_real_scrape_and_the_dashboard_uses_only_real_metrics() {
 fn metric_names(text: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     let bytes = text.as_bytes();
-    let mut i = 0;
-    while let Some(pos) = text[i..].find("gateway_") {
-        let start = i + pos;
-        let boundary = start == 0
-            || !(bytes[start - 1].is_ascii_alphanumeric()
-                || bytes[start - 1] == b'_'
-                || bytes[start - 1] == b':');
-        let end = text[start..]
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .map_or(text.len(), |e| start + e);
-        if boundary {
-            names.insert(text[start..end].to_string());
+    for prefix in ["gateway_", "process_"] {
+        let mut i = 0;
+        while let Some(pos) = text[i..].find(prefix) {
+            let start = i + pos;
+            let boundary = start == 0
+                || !(bytes[start - 1].is_ascii_alphanumeric()
+                    || bytes[start - 1] == b'_'
+                    || bytes[start - 1] == b':');
+            let end = text[start..]
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .map_or(text.len(), |e| start + e);
+            if boundary {
+                names.insert(text[start..end].to_string());
+            }
+            i = end;
         }
-        i = end;
     }
     names
 }
