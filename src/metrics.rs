@@ -36,6 +36,9 @@ pub struct Metrics {
     /// `gateway_tls_certificate_expiry_timestamp_seconds{certificate}`: each served
     /// certificate's notAfter.
     pub certificate_expiry: IntGaugeVec,
+    /// `gateway_http_body_bytes_total{route,direction}`: body bytes from clients (`in`) and to
+    /// them (`out`).
+    pub body_bytes: IntCounterVec,
     /// `gateway_http_requests_in_flight`: requests begun and not yet ended.
     pub in_flight: prometheus::IntGauge,
     /// `gateway_log_lines_dropped_total`: log lines dropped because the writer's queue was full.
@@ -160,6 +163,13 @@ impl Metrics {
                  alert on it minus time().",
             ),
             &["certificate"],
+        )?;
+        let body_bytes = IntCounterVec::new(
+            Opts::new(
+                "gateway_http_body_bytes_total",
+                "Body bytes received from clients (direction=in) and sent to them (out), by route.",
+            ),
+            &["route", "direction"],
         )?;
         let in_flight = prometheus::IntGauge::new(
             "gateway_http_requests_in_flight",
@@ -293,6 +303,7 @@ impl Metrics {
         registry.register(Box::new(log_lines_dropped.clone()))?;
         registry.register(Box::new(certificate_expiry.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
+        registry.register(Box::new(body_bytes.clone()))?;
         registry.register(Box::new(ejections.clone()))?;
         registry.register(Box::new(retries.clone()))?;
         registry.register(Box::new(ttfb.clone()))?;
@@ -365,6 +376,7 @@ impl Metrics {
             log_lines_dropped,
             certificate_expiry,
             in_flight,
+            body_bytes,
             ejections,
             retries,
             ttfb,
@@ -461,6 +473,8 @@ pub fn status_label(status: u16) -> std::borrow::Cow<'static, str> {
 pub struct Handles {
     duration: OnceLock<Histogram>,
     requests: [[OnceLock<IntCounter>; COMMON.len()]; METHODS.len()],
+    /// Body bytes received from clients and sent to them.
+    bytes: [OnceLock<IntCounter>; 2],
 }
 
 /// A copy resolves its own handles: a route copied into a new configuration snapshot starts
@@ -476,6 +490,7 @@ impl Default for Handles {
         Handles {
             duration: OnceLock::new(),
             requests: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
+            bytes: [OnceLock::new(), OnceLock::new()],
         }
     }
 }
@@ -487,6 +502,25 @@ impl std::fmt::Debug for Handles {
 }
 
 impl Metrics {
+    /// Counts a request's body bytes received (`inbound`) and its answer's body bytes sent
+    /// (`outbound`) under `route`.
+    pub fn body_bytes(&self, handles: Option<&Handles>, route: &str, inbound: u64, outbound: u64) {
+        for (i, (direction, n)) in [("in", inbound), ("out", outbound)].into_iter().enumerate() {
+            if n == 0 {
+                continue;
+            }
+            match handles {
+                Some(h) => h.bytes[i]
+                    .get_or_init(|| self.body_bytes.with_label_values(&[route, direction]))
+                    .inc_by(n),
+                None => self
+                    .body_bytes
+                    .with_label_values(&[route, direction])
+                    .inc_by(n),
+            }
+        }
+    }
+
     /// Counts an upgraded connection that ended after `seconds`.
     pub fn upgraded(&self, route: &str, seconds: f64) {
         self.upgraded.with_label_values(&[route]).inc();

@@ -724,3 +724,30 @@ fn requests_in_flight_are_counted_until_they_end() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn body_bytes_are_counted_by_route_and_direction() {
+    let up = Upstream::start();
+    let gw = Gateway::start(&format!(
+        "{}\n{}",
+        routes(&up, ""),
+        common::login_route("app", "")
+    ));
+    let r = gw.send(b"POST /u/ok HTTP/1.1\r\nHost: t\r\nContent-Length: 11\r\n\r\nhello world");
+    assert_eq!(r.status, 200);
+    let body = r#"{"email":"a@example.com","password":"wrong"}"#;
+    let login = common::login_raw(&gw, body);
+    assert_eq!(login.status, 401);
+    let m = parse_metrics(&gw.metrics());
+    let series = |route: &str, direction: &str| {
+        m.get(&format!(
+            r#"gateway_http_body_bytes_total{{direction="{direction}",route="{route}"}}"#
+        ))
+        .copied()
+        .unwrap_or(0.0)
+    };
+    assert_eq!(series("app", "in"), 11.0);
+    assert_eq!(series("app", "out"), r.body.len() as f64);
+    assert_eq!(series("login", "in"), body.len() as f64);
+    assert_eq!(series("login", "out"), login.body.len() as f64);
+}

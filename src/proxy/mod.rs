@@ -458,6 +458,12 @@ impl ProxyHttp for Gateway {
             self.metrics
                 .answered(handles, route, method, status, Some(latency.as_secs_f64()));
         }
+        self.metrics.body_bytes(
+            handles,
+            route,
+            ctx.body_bytes,
+            session.body_bytes_sent() as u64,
+        );
         // A guess whose upstream never answered (timeout, reset, client gone) is given back.
         if let Some(guess) = ctx.login.take() {
             self.settle_login(guess, ctx).await;
