@@ -468,8 +468,7 @@ impl ProxyHttp for Gateway {
         if let Some(guess) = ctx.login.take() {
             self.settle_login(guess, ctx).await;
         }
-        let rewritten = ctx.empty_error.is_some()
-            || ctx.rewrite.as_ref().is_some_and(Rewrite::violated_contract);
+        let rewritten = ctx.rewritten();
         if rewritten {
             self.metrics
                 .errors_rewritten
@@ -478,7 +477,7 @@ impl ProxyHttp for Gateway {
         }
         if let Some(span) = ctx.span.take() {
             ctx.trace_id = Some(span.trace_id());
-            self.end_span(span, session, ctx, route, status);
+            self.end_span(span, session, ctx, route, status, rewritten);
         }
         if ctx.state.access_log {
             let upstream = ctx
@@ -566,7 +565,15 @@ impl Gateway {
 
     /// Ends the request's span with what became of it (OpenTelemetry HTTP semantic
     /// conventions, and the gateway's own decisions under `gateway.*`).
-    fn end_span(&self, span: Span, session: &Session, ctx: &Ctx, route: &str, status: u16) {
+    fn end_span(
+        &self,
+        span: Span,
+        session: &Session,
+        ctx: &Ctx,
+        route: &str,
+        status: u16,
+        rewritten: bool,
+    ) {
         if !span.recording() {
             span.end(Vec::new(), None, SystemTime::now());
             return;
@@ -583,8 +590,6 @@ impl Gateway {
             }
             _ => "none",
         };
-        let rewritten = ctx.empty_error.is_some()
-            || ctx.rewrite.as_ref().is_some_and(Rewrite::violated_contract);
         let mut attributes = vec![
             KeyValue::new("http.request.method", req.method.to_string()),
             KeyValue::new("http.route", route.to_string()),
@@ -653,6 +658,17 @@ fn is_preflight(session: &Session) -> bool {
         && req
             .headers
             .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+}
+
+impl Ctx {
+    /// Whether the answer is an upstream error the gateway rewrote (a contract violation).
+    fn rewritten(&self) -> bool {
+        self.empty_error.is_some()
+            || self
+                .rewrite
+                .as_ref()
+                .is_some_and(Rewrite::violated_contract)
+    }
 }
 
 /// One request in `gateway_http_requests_in_flight`, for as long as it lives: a guard, so every

@@ -123,13 +123,7 @@ impl SharedStore {
         op: impl std::future::Future<Output = redis::RedisResult<T>>,
         timeout: Duration,
     ) -> Option<T> {
-        let started = Instant::now();
-        let answer = tokio::time::timeout(timeout, op).await;
-        self.metrics
-            .store_duration
-            .with_label_values(&[name])
-            .observe(started.elapsed().as_secs_f64());
-        match answer {
+        match self.timed(name, timeout, op).await {
             Ok(Ok(v)) => {
                 self.mark_up();
                 return Some(v);
@@ -139,6 +133,22 @@ impl SharedStore {
         }
         self.metrics.store_fallbacks.inc();
         None
+    }
+
+    /// `op` with a deadline, its time counted in `gateway_store_duration_seconds{op=name}`.
+    async fn timed<T>(
+        &self,
+        name: &'static str,
+        timeout: Duration,
+        op: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<redis::RedisResult<T>, tokio::time::error::Elapsed> {
+        let started = Instant::now();
+        let answer = tokio::time::timeout(timeout, op).await;
+        self.metrics
+            .store_duration
+            .with_label_values(&[name])
+            .observe(started.elapsed().as_secs_f64());
+        answer
     }
 
     fn mark_down(&self, why: &str) {
@@ -167,16 +177,13 @@ impl SharedStore {
     /// One probe (a keyed script, as a request would run): brings Redis back into use when
     /// it answers, takes it out when it does not, and records what the deployment looks like.
     pub async fn probe(&self) {
-        let started = Instant::now();
-        let answer = tokio::time::timeout(
-            self.timeout.max(Duration::from_millis(200)),
-            self.redis.probe(),
-        )
-        .await;
-        self.metrics
-            .store_duration
-            .with_label_values(&["probe"])
-            .observe(started.elapsed().as_secs_f64());
+        let answer = self
+            .timed(
+                "probe",
+                self.timeout.max(Duration::from_millis(200)),
+                self.redis.probe(),
+            )
+            .await;
         match answer {
             Ok(Ok(None)) => self.mark_up(),
             Ok(Ok(Some(seen))) => {
