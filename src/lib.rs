@@ -63,6 +63,9 @@ pub enum BuildError {
     /// The TLS listener could not be set up.
     #[error("tls: {0}")]
     Tls(String),
+    /// A listening address is taken (Pingora would carry on without that listener).
+    #[error("{0}")]
+    Listen(String),
     /// An upstream could not be set up.
     #[error("{file}: upstreams: {source}")]
     Upstream {
@@ -83,6 +86,22 @@ pub fn build_server(
     // One TLS crypto provider for the whole process (rediss:// connections), chosen explicitly
     // rather than by whichever crate features happen to be enabled.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    if !upgrade {
+        // An upgrade takes over the old process's sockets; a fresh start must own its
+        // addresses, or it would run, healthy on the admin port, without a public listener.
+        let tls = config.tls.as_ref().map(|t| ("tls.listen", t.listen));
+        for (key, addr) in [
+            ("server.listen", config.server.listen),
+            ("server.admin_listen", config.server.admin_listen),
+        ]
+        .into_iter()
+        .chain(tls)
+        {
+            std::net::TcpListener::bind(addr).map_err(|e| {
+                BuildError::Listen(format!("{}: {key}: {addr}: {e}", config.path.display()))
+            })?;
+        }
+    }
     let mut server = pingora_server(&config, upgrade);
     let metrics = Arc::new(metrics::Metrics::new()?);
     let memory = Arc::new(store::memory::MemoryStore::new());

@@ -169,3 +169,34 @@ fn demo_shows_the_contract_in_front_of_the_stand_in() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn a_taken_listen_address_stops_the_start_and_names_the_key() {
+    // Pingora alone would run without that listener, healthy on its admin port.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{}\"\n\
+             upgrade_sock = \"up.sock\"\n[[upstreams]]\nname = \"a\"\nservers = [\"127.0.0.1:1\"]\n\
+             [[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"a\"\nauth = \"public\"\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("server.listen") && err.contains(&port.to_string()),
+        "{err}"
+    );
+    drop(taken);
+}

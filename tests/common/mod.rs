@@ -54,6 +54,23 @@ impl Gateway {
         env: &[(&str, &str)],
         files: &[(&str, &str)],
     ) -> Gateway {
+        // A port handed out by `free_port` may be taken by another process before the gateway
+        // binds it; the gateway then refuses to start, and it is started again on new ports.
+        for _ in 0..3 {
+            if let Some(gw) = Gateway::try_start(server, rest, env, files) {
+                return gw;
+            }
+        }
+        panic!("the gateway found its ports taken three times in a row");
+    }
+
+    /// One start; `None` when a listening address was taken.
+    fn try_start(
+        server: &str,
+        rest: &str,
+        env: &[(&str, &str)],
+        files: &[(&str, &str)],
+    ) -> Option<Gateway> {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let server_block = format!(
@@ -87,15 +104,33 @@ impl Gateway {
             })
             .spawn()
             .expect("start the gateway binary");
-        let gw = Gateway {
+        let mut gw = Gateway {
             child,
             addr,
             admin,
             server_block,
             _dir: dir,
         };
+        if gw.exited_on_taken_port() {
+            return None;
+        }
         gw.wait_ready();
-        gw
+        Some(gw)
+    }
+
+    /// Whether the process ended at start because one of its addresses was taken.
+    fn exited_on_taken_port(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return self.log().contains("Address already in use");
+            }
+            if try_request(self.admin, &get("/healthz")).is_ok_and(|r| r.status == 200) {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(25));
+        }
+        false
     }
 
     fn wait_ready(&self) {
