@@ -1,10 +1,9 @@
 //! The in-process store: governor's keyed GCRA limiters and a bounded lockout table.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -13,6 +12,7 @@ use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
 
+use super::lock_table::LockTable;
 use super::{
     Limit, Lock, LockPolicy, RateCheck, RateDecision, Reservation, Settlement, Store, Ticket,
 };
@@ -32,46 +32,8 @@ pub struct MemoryStore {
     limiters: ArcSwap<Vec<Arc<Keyed>>>,
     /// The parameters each id was created with.
     registered: Mutex<Vec<(String, Duration, u32)>>,
-    locks: Mutex<HashMap<Box<str>, Entry>>,
+    locks: LockTable,
     tickets: AtomicU64,
-}
-
-/// The lockout state of one key.
-#[derive(Debug, Default)]
-struct Entry {
-    /// Failed guesses since the count last started.
-    failures: u32,
-    /// When the failures are forgotten (sliding: `lock` after the last failure).
-    forget_at: Option<Instant>,
-    /// Until when the key is locked.
-    locked_until: Option<Instant>,
-    /// Guesses in flight and when each slot expires by itself.
-    pending: Vec<(Ticket, Instant)>,
-    /// Failures counted here while the shared store was away, not yet added to it.
-    unsynced: u32,
-}
-
-impl Entry {
-    /// Drops whatever expired by `now`.
-    fn expire(&mut self, now: Instant) {
-        if self.locked_until.is_some_and(|t| t <= now) {
-            // The lock ran out: the next period starts from zero.
-            self.locked_until = None;
-            self.failures = 0;
-            self.forget_at = None;
-            self.unsynced = 0;
-        }
-        if self.forget_at.is_some_and(|t| t <= now) {
-            self.failures = 0;
-            self.forget_at = None;
-            self.unsynced = 0;
-        }
-        self.pending.retain(|(_, until)| *until > now);
-    }
-
-    fn is_idle(&self) -> bool {
-        self.failures == 0 && self.locked_until.is_none() && self.pending.is_empty()
-    }
 }
 
 impl Default for MemoryStore {
@@ -86,7 +48,7 @@ impl MemoryStore {
         MemoryStore {
             limiters: ArcSwap::from_pointee(Vec::new()),
             registered: Mutex::new(Vec::new()),
-            locks: Mutex::new(HashMap::new()),
+            locks: LockTable::default(),
             tickets: AtomicU64::new(1),
         }
     }
@@ -122,20 +84,13 @@ impl MemoryStore {
             l.retain_recent();
             l.shrink_to_fit();
         }
-        let now = Instant::now();
-        if let Ok(mut locks) = self.locks.lock() {
-            locks.retain(|_, e| {
-                e.expire(now);
-                !e.is_idle()
-            });
-        }
+        self.locks.sweep();
     }
 
     /// Keys currently held by the rate limiters and the lockout table.
     pub fn key_counts(&self) -> (usize, usize) {
         let rate = self.limiters.load().iter().map(|l| l.len()).sum();
-        let locks = self.locks.lock().map_or(0, |l| l.len());
-        (rate, locks)
+        (rate, self.locks.len())
     }
 }
 
@@ -225,129 +180,36 @@ impl MemoryStore {
 
     /// [`Store::reserve`] without the future.
     pub fn reserve_all(&self, locks: &[Lock<'_>]) -> Reservation {
-        let now = Instant::now();
-        let Ok(mut table) = self.locks.lock() else {
-            return Reservation::Full;
-        };
-        let max_entries = locks
-            .iter()
-            .map(|l| l.policy.max_entries)
-            .min()
-            .unwrap_or(0);
-        let new_keys = locks.iter().filter(|l| !table.contains_key(l.key)).count();
-        if table.len() + new_keys > max_entries {
-            make_room(&mut table, now);
-            if table.len() + new_keys > max_entries {
-                return Reservation::Full;
-            }
-        }
-        // All or none: every key is checked before any slot is taken.
-        for lock in locks {
-            let entry = table.entry(lock.key.into()).or_default();
-            entry.expire(now);
-            if let Some(until) = entry.locked_until {
-                return Reservation::Locked(until - now);
-            }
-            if entry.failures + entry.pending.len() as u32 >= lock.policy.max_failures {
-                // Every remaining guess is in flight; a slot frees up when one of them settles.
-                return Reservation::Locked(Duration::from_secs(1));
-            }
-        }
         let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
-        for lock in locks {
-            let entry = table.entry(lock.key.into()).or_default();
-            entry
-                .pending
-                .push((ticket, now + lock.policy.reservation_ttl));
-        }
-        Reservation::Granted(ticket)
+        self.locks.reserve(locks, ticket)
     }
 
     /// [`Store::settle`] without the future.
     pub fn settle_all(&self, locks: &[(Lock<'_>, Settlement)], ticket: Ticket) -> bool {
-        self.settle_counted(locks, ticket, false)
+        self.locks.settle(locks, ticket, false)
     }
 
     /// [`Store::settle`] while standing in for the shared store: failures are also owed to
     /// it ([`MemoryStore::owed`]).
     pub fn settle_offline(&self, locks: &[(Lock<'_>, Settlement)], ticket: Ticket) -> bool {
-        self.settle_counted(locks, ticket, true)
-    }
-
-    fn settle_counted(
-        &self,
-        locks: &[(Lock<'_>, Settlement)],
-        ticket: Ticket,
-        offline: bool,
-    ) -> bool {
-        let now = Instant::now();
-        let Ok(mut table) = self.locks.lock() else {
-            return false;
-        };
-        let mut locked = false;
-        for (lock, outcome) in locks {
-            locked |= settle_one(&mut table, lock, ticket, *outcome, now, offline);
-        }
-        locked
+        self.locks.settle(locks, ticket, true)
     }
 
     /// The longest lock this replica knows of on any of `locks` (seen in the shared store or
     /// made here): kept through a shared-store outage, so one never unlocks an account.
     pub fn known_lock(&self, locks: &[Lock<'_>]) -> Option<Duration> {
-        let now = Instant::now();
-        let table = self.locks.lock().ok()?;
-        locks
-            .iter()
-            .filter_map(|l| table.get(l.key)?.locked_until)
-            .filter(|until| *until > now)
-            .max()
-            .map(|until| until - now)
+        self.locks.known_lock(locks)
     }
 
     /// Failures counted here while the shared store was away, per key of `locks`.
     pub fn owed(&self, locks: &[Lock<'_>]) -> Vec<u32> {
-        let Ok(table) = self.locks.lock() else {
-            return vec![0; locks.len()];
-        };
-        locks
-            .iter()
-            .map(|l| table.get(l.key).map_or(0, |e| e.unsynced))
-            .collect()
+        self.locks.owed(locks)
     }
 
     /// Takes the shared store's word on `locks` (failures, lock time left) after it was paid
     /// `paid` owed failures: this replica's copy, for when the shared store is away.
     pub fn mirror(&self, locks: &[Lock<'_>], paid: &[u32], states: &[(u32, Duration)]) {
-        let now = Instant::now();
-        let Ok(mut table) = self.locks.lock() else {
-            return;
-        };
-        for (i, (lock, (failures, lock_left))) in locks.iter().zip(states).enumerate() {
-            let paid = paid.get(i).copied().unwrap_or(0);
-            let known = table.get(lock.key).is_some_and(|e| !e.is_idle());
-            if !known && *failures == 0 && lock_left.is_zero() {
-                // Nothing to remember: keep the table to keys that matter.
-                continue;
-            }
-            if !known && table.len() >= lock.policy.max_entries {
-                make_room(&mut table, now);
-                if table.len() >= lock.policy.max_entries {
-                    continue;
-                }
-            }
-            let entry = table.entry(lock.key.into()).or_default();
-            entry.expire(now);
-            entry.unsynced = entry.unsynced.saturating_sub(paid);
-            entry.failures = failures.saturating_add(entry.unsynced);
-            entry.forget_at = (entry.failures > 0).then(|| now + lock.policy.lock);
-            if !lock_left.is_zero() {
-                let until = now + *lock_left;
-                entry.locked_until = Some(entry.locked_until.map_or(until, |t| t.max(until)));
-            }
-            if entry.is_idle() {
-                table.remove(lock.key);
-            }
-        }
+        self.locks.mirror(locks, paid, states)
     }
 
     /// One key's reservation, for tests and benches.
@@ -374,100 +236,6 @@ impl MemoryStore {
         };
         self.settle_all(&[(lock, outcome)], ticket)
     }
-}
-
-/// Settles `ticket` on one key of `table`; true when this locked it.
-fn settle_one(
-    table: &mut HashMap<Box<str>, Entry>,
-    lock: &Lock<'_>,
-    ticket: Ticket,
-    outcome: Settlement,
-    now: Instant,
-    offline: bool,
-) -> bool {
-    let Some(entry) = table.get_mut(lock.key) else {
-        // Swept meanwhile (its slot expired): a late failure still counts.
-        if outcome != Settlement::Failure {
-            return false;
-        }
-        let entry = table.entry(lock.key.into()).or_default();
-        return fail(entry, now, lock.policy, offline);
-    };
-    entry.expire(now);
-    entry.pending.retain(|(t, _)| *t != ticket);
-    let locked = match outcome {
-        Settlement::Failure => fail(entry, now, lock.policy, offline),
-        Settlement::Success => {
-            entry.failures = 0;
-            entry.forget_at = None;
-            entry.unsynced = 0;
-            false
-        }
-        Settlement::Refund => false,
-    };
-    if entry.is_idle() {
-        table.remove(lock.key);
-    }
-    locked
-}
-
-fn fail(entry: &mut Entry, now: Instant, policy: &LockPolicy, offline: bool) -> bool {
-    if entry.locked_until.is_some() {
-        return false;
-    }
-    entry.failures += 1;
-    if offline {
-        entry.unsynced += 1;
-    }
-    entry.forget_at = Some(now + policy.lock);
-    if entry.failures >= policy.max_failures {
-        entry.locked_until = Some(now + policy.lock);
-        return true;
-    }
-    false
-}
-
-/// Frees places in a full table: expired entries first, then a tenth of the table from the
-/// unlocked entries with the fewest failures and nothing in flight. Keys under attack (many
-/// failures, locked) stay. Evicting a batch keeps a flood of fresh emails at an amortised
-/// O(1) per insert instead of a full scan each; the two passes copy no key, so the pause of
-/// one batch stays short (it runs under the table's lock).
-fn make_room(locks: &mut HashMap<Box<str>, Entry>, now: Instant) {
-    let mut ranks: Vec<(u32, Option<Instant>)> = Vec::with_capacity(locks.len());
-    locks.retain(|_, e| {
-        e.expire(now);
-        if e.is_idle() {
-            return false;
-        }
-        if e.locked_until.is_none() && e.pending.is_empty() {
-            ranks.push((e.failures, e.forget_at));
-        }
-        true
-    });
-    let batch = (locks.len() / 10).max(1);
-    if ranks.is_empty() {
-        return;
-    }
-    // The batch-th smallest rank is the cut: everything below goes, ties until the batch is full.
-    let cut_at = batch.min(ranks.len()) - 1;
-    let (_, cut, _) = ranks.select_nth_unstable(cut_at);
-    let cut = *cut;
-    let below = ranks.iter().filter(|r| **r < cut).count();
-    let mut ties = batch.min(ranks.len()) - below;
-    locks.retain(|_, e| {
-        if e.locked_until.is_some() || !e.pending.is_empty() {
-            return true;
-        }
-        let rank = (e.failures, e.forget_at);
-        if rank < cut {
-            false
-        } else if rank == cut && ties > 0 {
-            ties -= 1;
-            false
-        } else {
-            true
-        }
-    });
 }
 
 #[cfg(test)]
@@ -645,18 +413,15 @@ mod tests {
         // The account's one slot is in flight: no slot is taken on the email either.
         let again = s.reserve_all(&[lock("acct", &one), lock("email", &three)]);
         assert!(matches!(again, Reservation::Locked(_)));
-        assert_eq!(
-            s.locks.lock().unwrap().get("email").unwrap().pending.len(),
-            1
-        );
+        assert_eq!(s.locks.get("email").unwrap().pending.len(), 1);
         // One settlement, each key by its own outcome.
         let settled = [
             (lock("acct", &one), Settlement::Failure),
             (lock("email", &three), Settlement::Refund),
         ];
         assert!(s.settle_all(&settled, t));
-        assert_eq!(s.locks.lock().unwrap().get("acct").unwrap().failures, 1);
-        assert!(s.locks.lock().unwrap().get("email").is_none());
+        assert_eq!(s.locks.get("acct").unwrap().failures, 1);
+        assert!(s.locks.get("email").is_none());
     }
 
     #[test]
@@ -751,42 +516,5 @@ mod tests {
                 Reservation::Locked(_)
             ));
         });
-    }
-
-    #[test]
-    fn make_room_evicts_a_tenth_with_the_fewest_failures() {
-        let now = Instant::now();
-        let later = now + Duration::from_secs(60);
-        let mut locks: HashMap<Box<str>, Entry> = HashMap::new();
-        // 100 unlocked keys with 1..=5 failures (20 each), plus locked and in-flight keys.
-        for i in 0..100u32 {
-            let e = Entry {
-                failures: i % 5 + 1,
-                forget_at: Some(later),
-                ..Entry::default()
-            };
-            locks.insert(format!("k{i}").into(), e);
-        }
-        for i in 0..5 {
-            let locked = Entry {
-                failures: 10,
-                forget_at: Some(later),
-                locked_until: Some(later),
-                ..Entry::default()
-            };
-            locks.insert(format!("locked{i}").into(), locked);
-            let busy = Entry {
-                pending: vec![(1, later)],
-                ..Entry::default()
-            };
-            locks.insert(format!("busy{i}").into(), busy);
-        }
-        make_room(&mut locks, now);
-        // A tenth of 110 = 11 go: the 20 one-failure keys are the candidates, ties cut at 11.
-        assert_eq!(locks.len(), 99);
-        let ones = locks.values().filter(|e| e.failures == 1).count();
-        assert_eq!(ones, 9);
-        assert!((0..5).all(|i| locks.contains_key(format!("locked{i}").as_str())));
-        assert!((0..5).all(|i| locks.contains_key(format!("busy{i}").as_str())));
     }
 }

@@ -5,6 +5,7 @@
 //! truth.
 
 pub mod lease;
+mod lock_table;
 pub mod memory;
 pub mod redis;
 mod scripts;
@@ -116,8 +117,9 @@ pub trait Store: Send + Sync {
     /// (as checking them one by one would): one decision per check made, the refusal last.
     async fn rate_check(&self, checks: &[RateCheck<'_>]) -> Vec<RateDecision>;
 
-    /// Reserves one guess under every one of `locks`, atomically: granted on all of them, or
-    /// on none (then the first refusal says why).
+    /// Reserves one guess under every one of `locks`: granted on all of them, or on none (then
+    /// the first refusal says why). Never over a key's limit; two guesses racing for the last
+    /// slots may both be refused where a strict order would have let one in.
     async fn reserve(&self, locks: &[Lock<'_>]) -> Reservation;
 
     /// Settles a guess reserved under `locks`, each by its own outcome, atomically; true when
