@@ -1,7 +1,9 @@
-//! The admin listener: `/metrics` (Prometheus text format), `/healthz`, `/readyz`, and
-//! `POST /-/reload` for callers that present `[server] admin_token` as a bearer token (off
-//! without one). It sits on its own port so none of it is reachable through the public
-//! listener; reads are open to whoever reaches the port, changes need the credential.
+//! The admin listener. Open to whoever reaches its port: `GET /metrics` (Prometheus text
+//! format), `/healthz`, `/readyz`, `/-/upstreams` (each server's health and ejection) and
+//! `/-/log-level`. For callers presenting `[server] admin_token` as a bearer token (all off
+//! without one): `POST /-/reload`, `PUT /-/log-level` and `GET /-/config` (the settings in
+//! force, redacted: it names internal addresses and limits an attacker would like to know). It
+//! sits on its own port so none of it is reachable through the public listener.
 
 use std::sync::Arc;
 
@@ -121,82 +123,215 @@ impl Admin {
     }
 }
 
+impl Admin {
+    /// `None` when the caller presents the admin token, else the refusal: 403 when there is
+    /// no token to present (`what` is off), 401 when the one given is not it.
+    fn refusal(&self, session: &ServerSession, what: &str) -> Option<Response<Vec<u8>>> {
+        if self.token.is_none() {
+            let message = format!("{what} is off: set server.admin_token");
+            return Some(envelope_reply(StatusCode::FORBIDDEN, &message));
+        }
+        if self.authorised(session) {
+            return None;
+        }
+        let mut resp = reply(
+            StatusCode::UNAUTHORIZED,
+            envelope::CONTENT_TYPE,
+            envelope::default_body(401).to_vec(),
+        );
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        Some(resp)
+    }
+
+    async fn reload(&self) -> Response<Vec<u8>> {
+        let reloader = self.reloader.clone();
+        // Reading files and secrets blocks; keep it off the async workers.
+        match tokio::task::spawn_blocking(move || reloader.reload()).await {
+            Ok(Ok(())) => success(serde_json::json!({ "reloaded": true })),
+            Ok(Err(e)) => envelope_reply(StatusCode::UNPROCESSABLE_ENTITY, &e),
+            Err(_) => envelope_reply(StatusCode::INTERNAL_SERVER_ERROR, "reload failed"),
+        }
+    }
+
+    /// `PUT /-/log-level` with `{"level": "<EnvFilter directive>"}`.
+    async fn set_log_level(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let body = match read_body(session, 4096).await {
+            Ok(body) => body,
+            Err(refusal) => return refusal,
+        };
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Wanted {
+            level: String,
+        }
+        let wanted: Wanted = match serde_json::from_slice(&body) {
+            Ok(w) => w,
+            Err(e) => {
+                let message = format!("body must be {{\"level\": \"<filter>\"}}: {e}");
+                return envelope_reply(StatusCode::BAD_REQUEST, &message);
+            }
+        };
+        match crate::log_level::set(&wanted.level) {
+            Ok(level) => {
+                tracing::warn!(%level, "log level changed over the admin port");
+                success(serde_json::json!({ "level": level }))
+            }
+            Err(e) => envelope_reply(StatusCode::BAD_REQUEST, &format!("level: {e}")),
+        }
+    }
+
+    /// `GET /-/upstreams`: every upstream's servers as the balancer sees them now.
+    fn upstreams(&self) -> Response<Vec<u8>> {
+        let state = self.state.load();
+        let upstreams: Vec<serde_json::Value> = state
+            .pools
+            .iter()
+            .map(|pool| {
+                let servers: Vec<serde_json::Value> = pool
+                    .servers()
+                    .into_iter()
+                    .map(|(addr, healthy, ejected)| {
+                        serde_json::json!({
+                            "address": addr.to_string(),
+                            "healthy": healthy,
+                            "ejected_for_seconds": ejected.map(|d| d.as_secs_f64()),
+                            "in_rotation": healthy && ejected.is_none(),
+                        })
+                    })
+                    .collect();
+                serde_json::json!({ "name": pool.name, "servers": servers })
+            })
+            .collect();
+        success(serde_json::json!({ "upstreams": upstreams }))
+    }
+
+    /// `GET /-/config`: the file in force and its settings with every default, redacted.
+    fn config(&self) -> Response<Vec<u8>> {
+        let state = self.state.load();
+        let (path, effective) = &state.source;
+        success(serde_json::json!({
+            "file": path.display().to_string(),
+            "config": effective.as_ref(),
+        }))
+    }
+}
+
+/// The admin paths and the methods each takes, for 405's `Allow`.
+const PATHS: &[(&str, &str)] = &[
+    ("/metrics", "GET, HEAD"),
+    ("/healthz", "GET, HEAD"),
+    ("/readyz", "GET, HEAD"),
+    ("/-/upstreams", "GET, HEAD"),
+    ("/-/config", "GET, HEAD"),
+    ("/-/log-level", "GET, HEAD, PUT"),
+    ("/-/reload", "POST"),
+];
+
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        let get = matches!(
-            session.req_header().method,
-            http::Method::GET | http::Method::HEAD
-        );
-        let post = session.req_header().method == http::Method::POST;
-        if post && session.req_header().uri.path() == "/-/reload" {
-            if self.token.is_none() {
-                // Off: SIGHUP still reloads.
-                return reply(
-                    StatusCode::FORBIDDEN,
-                    envelope::CONTENT_TYPE,
-                    envelope::body("reload over http is off: set server.admin_token").to_vec(),
-                );
-            }
-            if !self.authorised(session) {
-                let mut resp = reply(
-                    StatusCode::UNAUTHORIZED,
-                    envelope::CONTENT_TYPE,
-                    envelope::default_body(401).to_vec(),
-                );
-                resp.headers_mut().insert(
-                    header::WWW_AUTHENTICATE,
-                    header::HeaderValue::from_static("Bearer"),
-                );
-                return resp;
-            }
-            let reloader = self.reloader.clone();
-            // Reading files and secrets blocks; keep it off the async workers.
-            return match tokio::task::spawn_blocking(move || reloader.reload()).await {
-                Ok(Ok(())) => reply(
-                    StatusCode::OK,
-                    envelope::CONTENT_TYPE,
-                    br#"{"status":"success","data":{"reloaded":true}}"#.to_vec(),
-                ),
-                Ok(Err(e)) => reply(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    envelope::CONTENT_TYPE,
-                    envelope::body(&e).to_vec(),
-                ),
-                Err(_) => reply(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    envelope::CONTENT_TYPE,
-                    envelope::default_body(500).to_vec(),
-                ),
-            };
-        }
-        match (get, session.req_header().uri.path()) {
-            (true, "/metrics") => reply(
+        use http::Method;
+        let method = session.req_header().method.clone();
+        let path = session.req_header().uri.path().to_string();
+        let read = method == Method::GET || method == Method::HEAD;
+        match (read, method, path.as_str()) {
+            (true, _, "/metrics") => reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
                 self.metrics.render(),
             ),
-            (true, "/healthz") => reply(
+            (true, _, "/healthz") => reply(
                 StatusCode::OK,
                 envelope::CONTENT_TYPE,
                 br#"{"status":"success","data":{"status":"ok"}}"#.to_vec(),
             ),
-            (true, "/readyz") => {
+            (true, _, "/readyz") => {
                 let (status, body) = self.readiness();
                 reply(status, envelope::CONTENT_TYPE, body)
             }
-            (false, "/metrics" | "/healthz" | "/readyz") => reply(
-                StatusCode::METHOD_NOT_ALLOWED,
-                envelope::CONTENT_TYPE,
-                envelope::default_body(405).to_vec(),
-            ),
-            _ => reply(
-                StatusCode::NOT_FOUND,
-                envelope::CONTENT_TYPE,
-                envelope::default_body(404).to_vec(),
-            ),
+            (true, _, "/-/upstreams") => self.upstreams(),
+            (true, _, "/-/log-level") => match crate::log_level::current() {
+                Some(level) => success(serde_json::json!({ "level": level })),
+                None => envelope_reply(StatusCode::NOT_FOUND, "no changeable log level here"),
+            },
+            (true, _, "/-/config") => match self.refusal(session, "the config dump") {
+                Some(refusal) => refusal,
+                None => self.config(),
+            },
+            (_, Method::POST, "/-/reload") => match self.refusal(session, "reload over http") {
+                Some(refusal) => refusal,
+                None => self.reload().await,
+            },
+            (_, Method::PUT, "/-/log-level") => {
+                match self.refusal(session, "changing the log level") {
+                    Some(refusal) => refusal,
+                    None => self.set_log_level(session).await,
+                }
+            }
+            _ => match PATHS.iter().find(|(p, _)| *p == path) {
+                Some((_, allow)) => {
+                    let mut resp = reply(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        envelope::CONTENT_TYPE,
+                        envelope::default_body(405).to_vec(),
+                    );
+                    resp.headers_mut()
+                        .insert(header::ALLOW, header::HeaderValue::from_static(allow));
+                    resp
+                }
+                None => reply(
+                    StatusCode::NOT_FOUND,
+                    envelope::CONTENT_TYPE,
+                    envelope::default_body(404).to_vec(),
+                ),
+            },
         }
     }
+}
+
+/// The request body, at most `limit` bytes (else the 413 to send).
+async fn read_body(
+    session: &mut ServerSession,
+    limit: usize,
+) -> Result<Vec<u8>, Response<Vec<u8>>> {
+    let mut body = Vec::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > limit {
+                    let message = format!("body larger than {limit} bytes");
+                    return Err(envelope_reply(StatusCode::PAYLOAD_TOO_LARGE, &message));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(_) => {
+                return Err(envelope_reply(
+                    StatusCode::BAD_REQUEST,
+                    "the request body could not be read",
+                ))
+            }
+        }
+    }
+}
+
+/// `{"status":"success","data":data}`.
+fn success(data: serde_json::Value) -> Response<Vec<u8>> {
+    let body = serde_json::to_vec(&serde_json::json!({ "status": "success", "data": data }))
+        .unwrap_or_default();
+    reply(StatusCode::OK, envelope::CONTENT_TYPE, body)
+}
+
+/// An error envelope with `message`.
+fn envelope_reply(status: StatusCode, message: &str) -> Response<Vec<u8>> {
+    reply(
+        status,
+        envelope::CONTENT_TYPE,
+        envelope::body(message).to_vec(),
+    )
 }
 
 /// A complete response with an exact Content-Length.

@@ -12,6 +12,7 @@ pub mod demo;
 pub mod envelope;
 pub mod head;
 pub mod limits;
+pub mod log_level;
 pub mod log_sink;
 pub mod path;
 pub mod redact;

@@ -64,25 +64,45 @@ enum Command {
     },
 }
 
-/// Logs to stderr at `level` (`RUST_LOG` overrides it), as JSON lines or text. The Redis
-/// client's own lines stay at errors unless `level` names it: it warns on every reconnect
-/// attempt, while the gateway reports each change of the store's state once.
+/// Logs to stderr at `level` (`RUST_LOG` overrides it), as JSON lines or text, with a filter
+/// that `PUT /-/log-level` can change while running.
 fn init_logging(level: &str, format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
-    let level = if level.contains("redis") {
-        level.to_string()
-    } else {
-        format!("{level},redis=error")
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use get2dial_gateway::log_level;
+    use tracing_subscriber::EnvFilter;
+    let from_env = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    let initial = from_env.unwrap_or_else(|| log_level::directive(level));
+    let filter = EnvFilter::try_new(&initial).unwrap_or_else(|_| EnvFilter::new("info"));
     let (writer, guard) = get2dial_gateway::log_sink::stderr(matches!(format, LogFormat::Json));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);
+    // The two formats are two subscriber types; each hands its reload handle over the same way.
+    macro_rules! install {
+        ($builder:expr) => {{
+            let builder = $builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            log_level::install(&initial, move |directive| {
+                let filter = EnvFilter::try_new(directive).map_err(|e| e.to_string())?;
+                handle.reload(filter).map_err(|e| e.to_string())?;
+                // Lines through `log` (Pingora's) are cut at log's own level, set once at start.
+                log::set_max_level(match tracing::level_filters::LevelFilter::current() {
+                    tracing::level_filters::LevelFilter::OFF => log::LevelFilter::Off,
+                    tracing::level_filters::LevelFilter::ERROR => log::LevelFilter::Error,
+                    tracing::level_filters::LevelFilter::WARN => log::LevelFilter::Warn,
+                    tracing::level_filters::LevelFilter::INFO => log::LevelFilter::Info,
+                    tracing::level_filters::LevelFilter::DEBUG => log::LevelFilter::Debug,
+                    _ => log::LevelFilter::Trace,
+                });
+                Ok(())
+            });
+            builder.init();
+        }};
+    }
     match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => install!(builder.json().flatten_event(true)),
+        LogFormat::Text => install!(builder),
     }
     guard
 }

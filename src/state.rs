@@ -53,6 +53,8 @@ pub struct State {
     pub security: Security,
     /// With TLS and `plain = "redirect"`: the TLS port plain requests are sent to.
     pub redirect_to_tls_port: Option<u16>,
+    /// The file this came from and its redacted effective settings (`GET /-/config`).
+    pub source: (std::path::PathBuf, Arc<serde_json::Value>),
 }
 
 impl State {
@@ -97,6 +99,7 @@ impl State {
             ),
             cors: config.cors.clone(),
             security: config.security.clone(),
+            source: (config.path.clone(), config.effective.clone()),
             redirect_to_tls_port: config
                 .tls
                 .as_ref()

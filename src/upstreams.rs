@@ -246,6 +246,29 @@ impl Pool {
             .count()
     }
 
+    /// Each server now: its address, whether its health check passes (always, without one),
+    /// and how long its ejection still lasts.
+    pub fn servers(&self) -> Vec<(SocketAddr, bool, Option<Duration>)> {
+        let backends = self.balancer.backends();
+        let now = Instant::now();
+        let records = self.records.lock().ok();
+        let mut out: Vec<_> = backends
+            .get_backend()
+            .iter()
+            .filter_map(|b| {
+                let addr = *b.addr.as_inet()?;
+                let ejected = records
+                    .as_ref()
+                    .and_then(|r| r.get(&addr)?.ejected_until)
+                    .filter(|until| *until > now)
+                    .map(|until| until - now);
+                Some((addr, backends.ready(b), ejected))
+            })
+            .collect();
+        out.sort_by_key(|(addr, ..)| *addr);
+        out
+    }
+
     /// The names of this upstream, when it has any.
     pub fn names(&self) -> Option<&Names> {
         self.names.as_deref()

@@ -92,6 +92,136 @@ fn admin_actions_are_off_without_a_token() {
     assert_eq!(common::request(gw.admin, &get("/metrics")).status, 200);
 }
 
+/// The admin listener's error: `status` and exactly the envelope with `message`.
+fn admin_error(r: &common::Response, status: u16, message: &str) {
+    assert_eq!(r.status, status, "{}", r.text());
+    assert_eq!(
+        r.text(),
+        format!(r#"{{"status":"error","message":"{message}"}}"#)
+    );
+    assert_eq!(r.header("content-type"), Some("application/json"));
+}
+
+/// An admin request with the token (`token: false`: without), `body` sent as JSON.
+fn admin_request(method: &str, path: &str, token: bool, body: &str) -> Vec<u8> {
+    let auth = if token {
+        format!("Authorization: Bearer {ADMIN_TOKEN}\r\n")
+    } else {
+        String::new()
+    };
+    format!(
+        "{method} {path} HTTP/1.1\r\nHost: t\r\n{auth}Content-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+#[test]
+fn admin_shows_config_upstreams_and_changes_the_log_level_with_the_token() {
+    let up = Upstream::start();
+    // A Redis URL with a password (nothing listens there: the store runs degraded).
+    let redis_url = format!("redis://:s3cret-pw@127.0.0.1:{}/0", common::closed_port());
+    let store = "[store]\nkind = \"redis\"\nredis_url = \"env:G2D_REDIS_URL\"\n";
+    let gw = Gateway::start_full(
+        ADMIN_TOKEN_KEY,
+        &format!("{}\n{store}", routes(&up, "")),
+        &[
+            ("G2D_ADMIN_TOKEN", ADMIN_TOKEN),
+            ("G2D_REDIS_URL", &redis_url),
+        ],
+        &[],
+    );
+    let admin = |method: &str, path: &str, token: bool, body: &str| {
+        common::request(gw.admin, &admin_request(method, path, token, body))
+    };
+
+    // The config in force: every default filled in, the URL's password redacted; token only.
+    let r = admin("GET", "/-/config", false, "");
+    admin_error(&r, 401, "missing or invalid authorization header");
+    assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+    let r = admin("GET", "/-/config", true, "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let config = &v["data"]["config"];
+    assert_eq!(v["status"], "success");
+    assert!(v["data"]["file"]
+        .as_str()
+        .unwrap()
+        .ends_with("gateway.toml"));
+    assert_eq!(config["routes"][0]["name"], "app");
+    assert_eq!(
+        config["lockout"]["max_entries"], 100000,
+        "defaults are shown"
+    );
+    assert_eq!(config["server"]["admin_token"], "env:G2D_ADMIN_TOKEN");
+    assert_eq!(config["store"]["redis_url"], "env:G2D_REDIS_URL");
+    assert!(!r.text().contains("s3cret") && !r.text().contains(ADMIN_TOKEN));
+
+    // Each server as the balancer sees it.
+    let r = admin("GET", "/-/upstreams", false, "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let server = &v["data"]["upstreams"][0]["servers"][0];
+    assert_eq!(v["data"]["upstreams"][0]["name"], "app");
+    assert_eq!(server["address"], up.addr.to_string());
+    assert_eq!(server["in_rotation"], true);
+    assert_eq!(server["ejected_for_seconds"], serde_json::Value::Null);
+
+    // The log level: read openly, changed with the token, bad input refused with a reason.
+    let r = admin("GET", "/-/log-level", false, "");
+    assert!(r.text().contains(r#""level":"error""#), "{}", r.text());
+    let bad_chunk =
+        b"POST /u/ok HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhi\r\n0\r\n\r\n";
+    assert_eq!(common::request(gw.addr, bad_chunk).status, 400);
+    admin_error(
+        &admin("PUT", "/-/log-level", false, r#"{"level":"debug"}"#),
+        401,
+        "missing or invalid authorization header",
+    );
+    for (body, why) in [
+        (r#"{"level":"[[["}"#, "level: "),
+        (r#"{"nope":"debug"}"#, "body must be"),
+        ("debug", "body must be"),
+    ] {
+        let r = admin("PUT", "/-/log-level", true, body);
+        assert_eq!(r.status, 400, "{body}: {}", r.text());
+        assert!(r.text().contains(why), "{body}: {}", r.text());
+    }
+    let r = admin(
+        "PUT",
+        "/-/log-level",
+        true,
+        &format!(r#"{{"level":"{}"}}"#, "x".repeat(5000)),
+    );
+    admin_error(&r, 413, "body larger than 4096 bytes");
+    let r = admin("PUT", "/-/log-level", true, r#"{"level":"debug"}"#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.text().contains(r#""level":"debug,redis=error""#),
+        "{}",
+        r.text()
+    );
+    let before = gw.log();
+    assert!(!before.contains("request ended by the client"), "{before}");
+    assert_eq!(common::request(gw.addr, bad_chunk).status, 400);
+    let log = gw.log_when(|l| l.contains("request ended by the client"));
+    assert!(
+        log.contains("log level changed over the admin port"),
+        "{log}"
+    );
+    assert!(
+        log.contains("DEBUG"),
+        "Pingora's own debug lines follow too: {log}"
+    );
+
+    // Known paths name their methods; the rest is 404, all as envelopes.
+    let r = admin("DELETE", "/-/config", true, "");
+    admin_error(&r, 405, "method not allowed");
+    assert_eq!(r.header("allow"), Some("GET, HEAD"));
+    admin_error(&admin("GET", "/-/nothing", true, ""), 404, "not found");
+}
+
 fn metric(gw: &Gateway, series: &str) -> f64 {
     parse_metrics(&gw.metrics())
         .get(series)
@@ -328,6 +458,52 @@ fn promtool() -> Option<&'static str> {
     );
     eprintln!("promtool not installed: skipping the promtool checks");
     None
+}
+
+#[test]
+fn every_alert_has_a_usual_severity_and_a_runbook_section() {
+    #[derive(Deserialize)]
+    struct Rules {
+        groups: Vec<Group>,
+    }
+    #[derive(Deserialize)]
+    struct Group {
+        rules: Vec<serde_yaml::Value>,
+    }
+    let rules: Rules =
+        serde_yaml::from_str(&std::fs::read_to_string("deploy/prometheus/rules.yml").unwrap())
+            .unwrap();
+    let runbook = std::fs::read_to_string("deploy/prometheus/RUNBOOK.md").unwrap();
+    let sections: BTreeSet<String> = runbook
+        .lines()
+        .filter_map(|l| l.strip_prefix("## "))
+        .map(|h| h.trim().to_lowercase())
+        .collect();
+    let mut alerts = 0;
+    for rule in rules.groups.iter().flat_map(|g| &g.rules) {
+        let Some(name) = rule["alert"].as_str() else {
+            continue;
+        };
+        alerts += 1;
+        let severity = rule["labels"]["severity"].as_str().unwrap_or("");
+        assert!(
+            ["critical", "warning", "info"].contains(&severity),
+            "{name}: severity {severity:?}"
+        );
+        let url = rule["annotations"]["runbook_url"].as_str().unwrap_or("");
+        let anchor = url
+            .strip_prefix(
+                "https://github.com/get2dial/get2dial-gateway/blob/main/deploy/prometheus/RUNBOOK.md#",
+            )
+            .unwrap_or_else(|| panic!("{name}: runbook_url {url:?}"));
+        assert_eq!(anchor, name.to_lowercase());
+        assert!(
+            sections.contains(anchor),
+            "{name}: no section in RUNBOOK.md"
+        );
+        assert!(rule["annotations"]["summary"].as_str().is_some(), "{name}");
+    }
+    assert!(alerts >= 13, "{alerts} alerts");
 }
 
 #[test]

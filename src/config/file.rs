@@ -3,13 +3,13 @@
 
 use std::path::PathBuf;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::auth::{Mode, Role};
 use crate::limits::ratelimit::KeyKind;
 
 /// The whole file as written.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     /// `[server]`: listeners and process settings.
@@ -57,7 +57,7 @@ pub struct FileConfig {
 }
 
 /// `[tls]` as written.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileTls {
     /// TLS listener address.
@@ -73,7 +73,7 @@ pub struct FileTls {
 }
 
 /// What the plain-HTTP listener does when TLS is configured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum PlainMode {
     /// Serve requests as usual.
@@ -84,7 +84,7 @@ pub enum PlainMode {
 }
 
 /// One `[[tls.certificates]]` entry.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileCert {
     /// PEM chain.
@@ -97,7 +97,7 @@ pub struct FileCert {
 }
 
 /// `[cors]` as written.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileCors {
     /// Exact origins allowed (`https://app.get2dial.com`).
@@ -144,7 +144,7 @@ fn default_cors_max_age() -> u64 {
 }
 
 /// `[security]` as written.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileSecurity {
     /// `Strict-Transport-Security` on answers over TLS; empty disables it.
@@ -178,7 +178,7 @@ fn default_removed_headers() -> Vec<String> {
 }
 
 /// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
     /// One JSON object per line, for log pipelines.
@@ -189,7 +189,7 @@ pub enum LogFormat {
 }
 
 /// `[log]` as written.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileLog {
     /// Level filter (`error`, `warn`, `info`, `debug`, or a tracing filter); `RUST_LOG` overrides.
@@ -221,7 +221,7 @@ fn default_true() -> bool {
 }
 
 /// Where shared counters live.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum StoreKind {
     /// In this process.
@@ -236,7 +236,7 @@ pub enum StoreKind {
 }
 
 /// `[store]` as written.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileStore {
     /// `memory`, `redis`, `redis-cluster` or `redis-sentinel`.
@@ -325,7 +325,7 @@ fn default_store_timeout() -> u64 {
 }
 
 /// `[lockout]` as written.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileLockout {
     /// Failed logins that lock an account.
@@ -372,7 +372,7 @@ fn default_max_entries() -> usize {
 }
 
 /// `[limits]` as written.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileLimits {
     /// Also send `RateLimit` / `RateLimit-Policy` on allowed responses.
@@ -413,7 +413,7 @@ fn default_sweep() -> u64 {
 }
 
 /// One rate-limit policy as written.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileRateLimit {
     /// Name in metrics and headers; defaults to `<route>-<key>`.
@@ -436,7 +436,7 @@ pub struct FileRateLimit {
 }
 
 /// `[jwt]` as written.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileJwt {
     /// Active secrets, newest first, each `env:NAME` or `file:PATH`.
@@ -475,7 +475,7 @@ fn default_token_cache() -> usize {
 }
 
 /// `[identity_headers]` as written.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileIdentityHeaders {
     /// Carries `tid`.
@@ -517,7 +517,7 @@ fn default_email_header() -> String {
 }
 
 /// `[server]` as written.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileServer {
     /// Public listener address.
@@ -649,7 +649,7 @@ fn default_client_body_timeout() -> u64 {
 }
 
 /// `health_check = { ... }` of an upstream as written.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileHealthCheck {
     /// `http` (a GET of `path`) or `tcp` (a connect).
@@ -698,7 +698,7 @@ fn default_one() -> usize {
 }
 
 /// One `[[upstreams]]` entry as written.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileUpstream {
     /// Name routes refer to.
@@ -744,7 +744,7 @@ pub struct FileUpstream {
 }
 
 /// `outlier_detection = { ... }` as written.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileOutlier {
     /// Failures in a row (connect failure, reset, timeout, 5xx) that eject a server.
@@ -775,7 +775,7 @@ fn default_max_ejected_percent() -> u32 {
 }
 
 /// `retry_budget = { ... }` as written.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileRetryBudget {
     /// Retries allowed as a share of requests, in percent.
@@ -813,7 +813,7 @@ fn default_idle_timeout() -> u64 {
 }
 
 /// One `[[routes]]` entry as written.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileRoute {
     /// Name used in metrics and logs.
@@ -864,7 +864,7 @@ fn default_max_body() -> u64 {
 }
 
 /// `[dns]` as written.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileDns {
     /// Name servers (`ip` or `ip:port`); empty: the system's.
@@ -903,7 +903,7 @@ fn default_dns_timeout() -> u64 {
 }
 
 /// `[tracing]` as written.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileTracing {
     /// OTLP/HTTP traces endpoint (`http://collector:4318/v1/traces`).

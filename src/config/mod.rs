@@ -85,6 +85,9 @@ pub struct Config {
     pub cors: Option<Cors>,
     /// Edge security headers.
     pub security: Security,
+    /// The file as the gateway read it, every default filled in and credentials in URLs
+    /// redacted: what `GET /-/config` shows.
+    pub effective: Arc<serde_json::Value>,
 }
 
 /// Validated `[tls]`.
@@ -333,6 +336,38 @@ impl Config {
             // toml's message names the key, the line and the column.
             message: e.to_string().trim_end().to_string(),
         })?;
-        validate::Validator { path, read_secrets }.validate(file)
+        let effective = Arc::new(redacted(serde_json::to_value(&file).unwrap_or_default()));
+        let mut config = validate::Validator { path, read_secrets }.validate(file)?;
+        config.effective = effective;
+        Ok(config)
+    }
+}
+
+/// `value` with the user information of every URL in it (`redis://:password@host`) replaced.
+/// Secrets themselves never appear: the file names them as `env:NAME` or `file:PATH`.
+fn redacted(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => {
+            let host_start = s.find("://").map(|i| i + 3);
+            let userinfo_end = host_start.and_then(|start| {
+                let rest = &s[start..];
+                let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+                rest[..authority_end]
+                    .rfind('@')
+                    .map(|at| (start, start + at))
+            });
+            match userinfo_end {
+                Some((start, at)) => {
+                    Value::String(format!("{}[redacted]{}", &s[..start], &s[at..]))
+                }
+                None => Value::String(s),
+            }
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(redacted).collect()),
+        Value::Object(map) => {
+            Value::Object(map.into_iter().map(|(k, v)| (k, redacted(v))).collect())
+        }
+        other => other,
     }
 }

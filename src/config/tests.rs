@@ -461,3 +461,21 @@ fn tracing_is_checked() {
         assert!(e.contains(key), "{t}: {e}");
     }
 }
+
+#[test]
+fn the_effective_config_redacts_user_information_in_every_url() {
+    let v = serde_json::json!({
+        "a": "redis://:pw@host:6379/0",
+        "b": ["http://user:pw@collector:4318/v1/traces", "http://collector/a@b"],
+        "c": { "d": "env:NAME", "e": 3 },
+    });
+    let r = super::redacted(v);
+    assert_eq!(r["a"], "redis://[redacted]@host:6379/0");
+    assert_eq!(r["b"][0], "http://[redacted]@collector:4318/v1/traces");
+    assert_eq!(
+        r["b"][1], "http://collector/a@b",
+        "an @ in the path is no user information"
+    );
+    assert_eq!(r["c"]["d"], "env:NAME");
+    assert_eq!(r["c"]["e"], 3);
+}

@@ -113,6 +113,7 @@ impl Validator<'_> {
             tls,
             cors,
             security,
+            effective: Default::default(),
         })
     }
 

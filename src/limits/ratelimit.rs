@@ -9,7 +9,7 @@ use serde::Deserialize;
 use crate::store::{Limit, RateDecision};
 
 /// What a policy counts requests by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum KeyKind {
     /// The client address (after trusted proxies).
