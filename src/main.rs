@@ -1,4 +1,4 @@
-//! Command line: `run`, `check-config`, `demo`.
+//! Command line: `run`, `check-config`, `stand-in`, `demo`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -54,6 +54,16 @@ enum Command {
         /// them: for linting a file in CI, where the secrets are not.
         #[arg(long)]
         no_secrets: bool,
+    },
+    /// Run only the built-in stand-in of the Get2Dial API (what `demo` puts behind the gateway),
+    /// for a gateway in another process or container to send to (`deploy/compose`).
+    StandIn {
+        /// Configuration whose `[jwt]` section signs the stand-in's tokens.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        listen: std::net::SocketAddr,
     },
     /// Run the gateway in front of a built-in stand-in of the Get2Dial API, which listens on the
     /// first server address of the first upstream.
@@ -117,6 +127,7 @@ fn main() -> ExitCode {
         Command::Run { config, upgrade } => (config, false, upgrade),
         Command::Demo { config } => (config, true, false),
         Command::CheckConfig { config, no_secrets } => return check_config(&config, no_secrets),
+        Command::StandIn { config, listen } => return stand_in(&config, listen),
     };
     let config = match Config::load(&config_path) {
         Ok(c) => c,
@@ -182,6 +193,38 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn stand_in(path: &std::path::Path, listen: std::net::SocketAddr) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(jwt) = &config.jwt else {
+        eprintln!(
+            "error: {}: stand-in needs a [jwt] section to sign its tokens",
+            path.display()
+        );
+        return ExitCode::from(2);
+    };
+    let _log = init_logging(&config.log.level, config.log.format);
+    let mut server = match pingora::server::Server::new(None) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    server.bootstrap();
+    let mut svc = Service::new("stand-in".to_string(), demo::StandIn::new(jwt));
+    svc.add_tcp(&listen.to_string());
+    server.add_service(svc);
+    tracing::info!(%listen, "stand-in of the Get2Dial API listening");
+    server.run(pingora::server::RunArgs::default());
+    ExitCode::SUCCESS
 }
 
 fn check_config(path: &std::path::Path, no_secrets: bool) -> ExitCode {

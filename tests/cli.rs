@@ -200,3 +200,55 @@ fn a_taken_listen_address_stops_the_start_and_names_the_key() {
     );
     drop(taken);
 }
+
+#[test]
+fn stand_in_runs_alone_for_a_gateway_in_another_process() {
+    // The shape of deploy/compose: the stand-in in one process, the gateway in another.
+    let (listen, admin, stand_in) = (free_port(), free_port(), free_port());
+    let example = std::fs::read_to_string("config/gateway.toml").unwrap();
+    let config = example
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{listen}"))
+        .replace("127.0.0.1:9090", &format!("127.0.0.1:{admin}"))
+        .replace("127.0.0.1:8081", &format!("127.0.0.1:{stand_in}"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, config).unwrap();
+    let spawn = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "error")
+            .env("GATEWAY_JWT_SECRET", "cli-test-secret-0123456789")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let listen_arg = format!("127.0.0.1:{stand_in}");
+    let mut children = [
+        spawn(&["stand-in", "--listen", &listen_arg]),
+        spawn(&["run"]),
+    ];
+    let addr = format!("127.0.0.1:{listen}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let login = b"POST /api/v1/auth/login HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 56\r\n\r\n{\"email\":\"demo@get2dial.com\",\"password\":\"demo-password\"}";
+    let r = loop {
+        match try_request(addr, login) {
+            Ok(r) if r.status == 200 => break r,
+            _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            other => panic!(
+                "no login through the gateway: {:?}",
+                other.map(|r| r.text())
+            ),
+        }
+    };
+    assert!(r.text().contains(r#""token":"#), "{}", r.text());
+    try_request(addr, &get("/api/v1/demo/html-500"))
+        .unwrap()
+        .assert_envelope(500, "internal server error");
+    for child in &mut children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}

@@ -772,22 +772,66 @@ fn deploy_files_are_well_formed_and_consistent() {
     for k in [
         "Deployment",
         "Service",
-        "ConfigMap",
+        "NetworkPolicy",
         "PodDisruptionBudget",
         "HorizontalPodAutoscaler",
+        "ServiceMonitor",
     ] {
         assert!(kinds.contains(k), "no {k} manifest");
     }
-
-    // The ConfigMap carries exactly the container configuration, and it validates.
-    let cm: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string("deploy/kubernetes/configmap.yaml").unwrap())
-            .unwrap();
-    let container_toml = std::fs::read_to_string("deploy/gateway.container.toml").unwrap();
+    let spread = &deployment["spec"]["template"]["spec"]["topologySpreadConstraints"];
+    let keys: Vec<&str> = spread
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["topologyKey"].as_str())
+        .collect();
     assert_eq!(
-        cm["data"]["gateway.toml"].as_str().unwrap().trim(),
-        container_toml.trim()
+        keys,
+        ["topology.kubernetes.io/zone", "kubernetes.io/hostname"]
     );
+    // The admin port is open to Prometheus only; the public port to anyone.
+    let policy: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string("deploy/kubernetes/networkpolicy.yaml").unwrap(),
+    )
+    .unwrap();
+    for rule in policy["spec"]["ingress"].as_sequence().unwrap() {
+        let port = rule["ports"][0]["port"].as_str().unwrap();
+        match port {
+            "http" => assert!(rule["from"].is_null(), "public port limited"),
+            "admin" => assert!(rule["from"].as_sequence().is_some_and(|f| !f.is_empty())),
+            other => panic!("unexpected port {other}"),
+        }
+    }
+
+    // The ConfigMap is generated from exactly the container configuration, which validates;
+    // kustomize names it by a hash of its content, so a changed file rolls the pods.
+    let generated = std::fs::read_to_string("deploy/kubernetes/gateway.toml").unwrap();
+    let container_toml = std::fs::read_to_string("deploy/gateway.container.toml").unwrap();
+    assert_eq!(generated.trim(), container_toml.trim());
+    if let Ok(out) = Command::new("kubectl")
+        .args(["kustomize", "deploy/kubernetes"])
+        .output()
+    {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text)
+            .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+            .collect();
+        let cm = docs.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
+        let name = cm["metadata"]["name"].as_str().unwrap();
+        assert!(
+            name.starts_with("get2dial-gateway-") && name.len() > 20,
+            "{name}"
+        );
+        let dep = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+        let volumes = &dep["spec"]["template"]["spec"]["volumes"];
+        assert!(serde_yaml::to_string(volumes).unwrap().contains(name));
+    }
     let out = Command::new(env!("CARGO_BIN_EXE_get2dial-gateway"))
         .args(["check-config", "deploy/gateway.container.toml"])
         .env("GATEWAY_JWT_SECRET", "0123456789abcdef0123")
@@ -805,8 +849,43 @@ fn deploy_files_are_well_formed_and_consistent() {
         &std::fs::read_to_string("deploy/compose/docker-compose.yml").unwrap(),
     )
     .unwrap();
-    for s in ["redis", "gateway-a", "gateway-b"] {
+    for s in ["redis", "control", "gateway-a", "gateway-b", "lb"] {
         assert!(!compose["services"][s].is_null(), "compose has no {s}");
+    }
+    // Only the load balancer is published; it balances over both replicas, which send to the
+    // stand-in (`stand-in`, tested in tests/cli.rs) under the control plane's name.
+    let published: Vec<&str> = compose["services"]
+        .as_mapping()
+        .unwrap()
+        .iter()
+        .filter(|(_, s)| !s["ports"].is_null())
+        .filter_map(|(name, _)| name.as_str())
+        .collect();
+    assert_eq!(published, ["lb"]);
+    assert_eq!(compose["services"]["control"]["command"][0], "stand-in");
+    assert!(container_toml.contains(r#"servers = ["control:8080"]"#));
+    let lb = std::fs::read_to_string("deploy/compose/nginx.conf").unwrap();
+    assert!(lb.contains("server gateway-a:8080") && lb.contains("server gateway-b:8080"));
+    if Command::new("nginx").arg("-v").output().is_ok() {
+        // Syntax, with the replicas' names (resolved only inside compose) as loopback ports.
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("nginx.conf");
+        let local = lb
+            .replace("gateway-a:8080", "127.0.0.1:1")
+            .replace("gateway-b:8080", "127.0.0.1:2")
+            .replace(
+                "/var/run/nginx.pid",
+                &dir.path().join("pid").display().to_string(),
+            );
+        std::fs::write(&conf, local).unwrap();
+        let out = Command::new("nginx")
+            .arg("-t")
+            .arg("-c")
+            .arg(&conf)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("syntax is ok"), "{err}");
     }
     let dockerfile = std::fs::read_to_string("deploy/Dockerfile").unwrap();
     assert!(dockerfile.matches("FROM ").count() >= 2, "multi-stage");
