@@ -60,9 +60,38 @@ pub trait Heads: Send + Sync {
     fn refused(&self, refusal: Refusal, line: Option<(&str, &str)>);
 }
 
+/// Gauges of open client connections: plain HTTP/1, HTTP/1 over TLS, HTTP/2 over TLS.
+#[derive(Clone)]
+pub struct OpenGauges {
+    /// HTTP/1 without TLS.
+    pub http1: prometheus::IntGauge,
+    /// HTTP/1 over TLS.
+    pub http1_tls: prometheus::IntGauge,
+    /// HTTP/2 (over TLS: the gateway offers it by ALPN only).
+    pub h2_tls: prometheus::IntGauge,
+}
+
+/// One open connection on its gauge, counted out when the connection's task drops it,
+/// however the connection ends.
+struct Open(prometheus::IntGauge);
+
+impl Open {
+    fn new(gauge: &prometheus::IntGauge) -> Open {
+        gauge.inc();
+        Open(gauge.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// A [`ServerApp`] that serves HTTP/1 connections of `app` with a small idle footprint.
 pub struct Connections<A> {
     app: Arc<A>,
+    open: OpenGauges,
     heads: Arc<dyn Heads>,
     pending: Pending,
     keepalive: Duration,
@@ -76,11 +105,12 @@ impl<A> Connections<A>
 where
     A: HttpServerApp + Send + Sync + 'static,
 {
-    /// Serves `app`, judging heads by `heads` and closing a connection idle for `keepalive`
-    /// between requests.
-    pub fn new(app: A, heads: Arc<dyn Heads>, keepalive: Duration) -> Self {
+    /// Serves `app`, judging heads by `heads`, closing a connection idle for `keepalive`
+    /// between requests, and counting open connections on `open`.
+    pub fn new(app: A, heads: Arc<dyn Heads>, keepalive: Duration, open: OpenGauges) -> Self {
         Connections {
             app: Arc::new(app),
+            open,
             heads,
             pending: Pending::default(),
             keepalive,
@@ -90,7 +120,7 @@ where
     }
 
     /// One HTTP/1 connection: wait for a request's first bytes, let Pingora serve it, repeat.
-    async fn serve_h1(self: Arc<Self>, mut stream: Stream, shutdown: ShutdownWatch) {
+    async fn serve_h1(self: Arc<Self>, mut stream: Stream, shutdown: ShutdownWatch, _open: Open) {
         let mut settings: Option<HttpPersistentSettings> = None;
         // One timer for the connection, not one per request: it is armed once for the idle
         // deadline and, when it fires after the connection was busy meanwhile, moved to the
@@ -402,13 +432,24 @@ where
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let tls = stream.get_ssl_digest().is_some();
         match stream.selected_alpn_proto() {
             None | Some(ALPN::H1) => {
+                let gauge = if tls {
+                    &self.open.http1_tls
+                } else {
+                    &self.open.http1
+                };
+                let open = Open::new(gauge);
                 // A task of its own, so the accepting task (sized for a TLS handshake) ends now.
-                tokio::spawn(self.clone().serve_h1(stream, shutdown.clone()));
+                tokio::spawn(self.clone().serve_h1(stream, shutdown.clone(), open));
                 None
             }
-            _ => self.app.process_new(stream, shutdown).await,
+            _ => {
+                // Pingora serves the whole HTTP/2 connection within this call.
+                let _open = Open::new(&self.open.h2_tls);
+                self.app.process_new(stream, shutdown).await
+            }
         }
     }
 
@@ -462,12 +503,19 @@ mod tests {
         let (_tx, rx) = tokio::sync::watch::channel(false);
         let (stream, _client) = tokio::io::duplex(64);
         let stream: Stream = Box::new(stream);
+        let gauge = prometheus::IntGauge::new("open", "open").unwrap();
         let app = Arc::new(Connections::new(
             Nothing,
             Arc::new(Rules),
             Duration::from_secs(1),
+            OpenGauges {
+                http1: gauge.clone(),
+                http1_tls: gauge.clone(),
+                h2_tls: gauge.clone(),
+            },
         ));
-        let task = app.serve_h1(stream, rx);
+        let open = Open::new(&gauge);
+        let task = app.serve_h1(stream, rx, open);
         let size = std::mem::size_of_val(&task);
         assert!(size <= 1024, "connection task state is {size} bytes");
     }

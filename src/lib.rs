@@ -294,7 +294,14 @@ fn public_service(
     let mut options = pingora::apps::HttpServerOptions::default();
     options.h2_idle_timeout = Some(keepalive);
     http.server_options = Some(options);
-    let app = connection::Connections::new(http, heads, keepalive);
+    let open =
+        |protocol: &str, tls: &str| metrics.connections_open.with_label_values(&[protocol, tls]);
+    let gauges = connection::OpenGauges {
+        http1: open("http1", "false"),
+        http1_tls: open("http1", "true"),
+        h2_tls: open("h2", "true"),
+    };
+    let app = connection::Connections::new(http, heads, keepalive, gauges);
     let mut proxy = Service::new("get2dial-gateway".to_string(), app);
     // Plain HTTP/1 reads go straight into Pingora's own request buffers; an L4 read buffer
     // (64 KiB by default) would only add a copy and most of an idle connection's memory.

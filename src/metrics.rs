@@ -41,6 +41,8 @@ pub struct Metrics {
     pub body_bytes: IntCounterVec,
     /// `gateway_http_requests_in_flight`: requests begun and not yet ended.
     pub in_flight: prometheus::IntGauge,
+    /// `gateway_client_connections_open{protocol,tls}`: client connections open now.
+    pub connections_open: prometheus::IntGaugeVec,
     /// `gateway_log_lines_dropped_total`: log lines dropped because the writer's queue was full.
     pub log_lines_dropped: IntCounter,
     /// `gateway_dns_resolutions_total{upstream,result}`: resolutions of upstream names.
@@ -175,6 +177,16 @@ impl Metrics {
             "gateway_http_requests_in_flight",
             "Requests begun and not yet ended (upgraded connections included while open).",
         )?;
+        let connections_open = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "gateway_client_connections_open",
+                "Client connections open now, by protocol (http1, h2) and tls (true, false).",
+            ),
+            &["protocol", "tls"],
+        )?;
+        for (protocol, tls) in [("http1", "false"), ("http1", "true"), ("h2", "true")] {
+            connections_open.with_label_values(&[protocol, tls]).set(0);
+        }
         let log_lines_dropped = IntCounter::new(
             "gateway_log_lines_dropped_total",
             "Log lines (access lines included) dropped because the log writer's queue was full: \
@@ -303,6 +315,7 @@ impl Metrics {
         registry.register(Box::new(log_lines_dropped.clone()))?;
         registry.register(Box::new(certificate_expiry.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
+        registry.register(Box::new(connections_open.clone()))?;
         registry.register(Box::new(body_bytes.clone()))?;
         registry.register(Box::new(ejections.clone()))?;
         registry.register(Box::new(retries.clone()))?;
@@ -376,6 +389,7 @@ impl Metrics {
             log_lines_dropped,
             certificate_expiry,
             in_flight,
+            connections_open,
             body_bytes,
             ejections,
             retries,

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::tls::{client, Pki};
 use common::upstream::Upstream;
-use common::{free_port, parse_metrics, Gateway};
+use common::{free_port, get, parse_metrics, Conn, Gateway};
 use rustls::pki_types::pem::PemObject;
 
 const UNAUTHORIZED: &str =
@@ -225,6 +225,46 @@ fn https_h1_and_h2_keep_the_contract() {
         m.get(r#"gateway_http_requests_total{method="GET",route="api",status="401"}"#),
         Some(&2.0)
     );
+    // Open client connections by protocol: counted while open, counted out when they close.
+    let open = |gw: &Gateway| {
+        let m = parse_metrics(&gw.metrics());
+        [
+            "http1\",tls=\"false",
+            "http1\",tls=\"true",
+            "h2\",tls=\"true",
+        ]
+        .map(|l| {
+            let series = format!("gateway_client_connections_open{{protocol=\"{l}\"}}");
+            m.get(&series).copied().unwrap_or(-1.0)
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while open(&e.gw) != [0.0, 0.0, 0.0] {
+        assert!(std::time::Instant::now() < deadline, "{:?}", open(&e.gw));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (h1, h2) = (
+        client(&e.pki, e.tls_port, false),
+        client(&e.pki, e.tls_port, true),
+    );
+    for c in [&h1, &h2] {
+        assert_eq!(c.get(format!("{base}/u/ok")).send().unwrap().status(), 200);
+    }
+    let mut plain: Vec<Conn> = (0..3).map(|_| Conn::open(e.gw.addr)).collect();
+    for c in &mut plain {
+        assert_eq!(c.send(&get("/u/ok")).status, 200);
+    }
+    assert_eq!(open(&e.gw), [3.0, 1.0, 1.0]);
+    drop((h1, h2, plain));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while open(&e.gw) != [0.0, 0.0, 0.0] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not counted out: {:?}",
+            open(&e.gw)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // Plain HTTP carries no HSTS, and the upstream hears it was plain.
     let r = e.gw.get("/u/ok");
     assert!(r.header("strict-transport-security").is_none());
