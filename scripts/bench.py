@@ -31,6 +31,13 @@ STORES = [s for s in os.environ.get("BENCH_STORES", "memory,redis,cluster").spli
 # The same gateway with its JSON access log on (one line per request, through the log thread),
 # measured beside the memory-store gateway (log off) on the same scenarios.
 ACCESS_LOG = os.environ.get("BENCH_ACCESS_LOG", "1") == "1"
+# TLS and HTTP/2 scenarios (nginx, the bare Pingora proxy and the gateway, same certificate).
+TLS = os.environ.get("BENCH_TLS", "1") == "1"
+# h2load's load: connections and concurrent streams on each.
+H2_CONNS = int(os.environ.get("BENCH_H2_CONNECTIONS", "8"))
+H2_STREAMS = int(os.environ.get("BENCH_H2_STREAMS", "16"))
+# Only the scenarios whose names start with one of these (comma-separated), e.g. "TLS,HTTP/2".
+ONLY = [p for p in os.environ.get("BENCH_ONLY", "").split(",") if p]
 # Pingora's runtime for both Pingora proxies: "true" (work stealing, the default) or "false".
 WORK_STEALING = os.environ.get("BENCH_WORK_STEALING", "true")
 SECRET = "bench-secret-0123456789abcdef0123"
@@ -146,7 +153,8 @@ def wrk(port, scenario):
         cmd += ["-H", f"{k}: {v}"]
     if scenario.get("lua"):
         cmd += ["-s", scenario["lua"]]
-    cmd.append(f"http://127.0.0.1:{port}{scenario['path']}")
+    scheme = "https" if scenario.get("tls") else "http"
+    cmd.append(f"{scheme}://127.0.0.1:{port}{scenario['path']}")
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 
@@ -158,6 +166,36 @@ def wrk(port, scenario):
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     errors = re.search(r"Socket errors: (.*)", out)
     return rps, ms("50"), ms("99"), (errors.group(1) if errors else "")
+
+
+def h2load(port, scenario, log):
+    """HTTP/2 over TLS: H2_CONNS connections with H2_STREAMS streams each, for SECONDS (h2load,
+    one thread on core 1). p50/p99 from h2load's per-request log; every request must succeed."""
+    cmd = ["taskset", "-c", "1", "h2load", "-t1", f"-c{H2_CONNS}", f"-m{H2_STREAMS}",
+           f"-D{SECONDS}", f"--log-file={log}", f"https://127.0.0.1:{port}{scenario['path']}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
+    done, ok = map(int, re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out).groups())
+    codes = re.search(r"status codes: (\d+) 2xx", out)
+    errors = "" if ok == done and codes and int(codes.group(1)) == done else f"{done - ok} failed of {done}"
+    with open(log) as f:
+        durations = sorted(int(line.split()[2]) / 1000 for line in f if line.strip())
+    pick = lambda q: durations[min(len(durations) - 1, int(q * len(durations)))] if durations else 0.0
+    return rps, pick(0.50), pick(0.99), errors
+
+
+def https_check(port, path):
+    """Status and body of one HTTPS/1.1 request (the bench's own certificate, not verified)."""
+    import ssl
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    c = http.client.HTTPSConnection("127.0.0.1", port, timeout=5, context=ctx)
+    c.request("GET", path)
+    r = c.getresponse()
+    data = r.read()
+    c.close()
+    return r.status, data
 
 
 def write(path, text):
@@ -182,6 +220,14 @@ def main():
     store_ports = {name: (free_port(), free_port()) for name in STORES if name != "memory"}
     if ACCESS_LOG:
         store_ports["access log"] = (free_port(), free_port())
+    tls_ports = {"nginx": free_port(), "bare pingora": free_port(), "gateway": free_port()}
+    cert, key = f"{tmp}/cert.pem", f"{tmp}/key.pem"
+    if TLS:
+        # ECDSA P-256, what an edge certificate usually is; all three proxies serve the same one.
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-subj", "/CN=bench.test", "-addext", "subjectAltName=DNS:bench.test",
+                        "-days", "2", "-keyout", key, "-out", cert], check=True, capture_output=True)
+        os.chmod(key, 0o644)
     redis_port = free_port()
     cluster_ports = [(free_port(), free_port()) for _ in range(3)]
     with open(os.path.join(tmp, "big.bin"), "wb") as f:
@@ -201,6 +247,13 @@ http {{ access_log off; keepalive_requests 10000000; keepalive_timeout 120s;
     location /api/ {{ default_type application/json; return 200 '{OK_BODY}'; }}
   }}
 }}""")
+    # nginx 1.22 (Debian 12): `listen ... http2`; session cache off and tickets on, its defaults.
+    nginx_tls = "" if not TLS else f"""server {{ listen 127.0.0.1:{tls_ports['nginx']} ssl http2 reuseport;
+    ssl_certificate {cert}; ssl_certificate_key {key}; ssl_protocols TLSv1.3;
+    http2_max_concurrent_streams 128;
+    proxy_http_version 1.1; proxy_set_header Connection "";
+    location / {{ proxy_pass http://up; }}
+  }}"""
     write(f"{tmp}/proxy.conf", common % ("px", "px") + f"""
   upstream up {{ server 127.0.0.1:{up}; keepalive 128; }}
   server {{ listen 127.0.0.1:{ngx} reuseport;
@@ -209,6 +262,7 @@ http {{ access_log off; keepalive_requests 10000000; keepalive_timeout 120s;
     location = /html-500 {{ proxy_pass http://up; proxy_intercept_errors on; error_page 500 = @envelope; }}
     location @envelope {{ default_type application/json; return 500 '{ENV_500}'; }}
   }}
+  {nginx_tls}
 }}""")
     # HAProxy refuses to start when 2 x maxconn exceeds the file limit; idle connections beyond
     # its maxconn would only queue, so its idle figure is taken at what it can hold.
@@ -234,8 +288,9 @@ backend intercept
   http-response return status 500 content-type application/json string '{ENV_500}' if {{ status 500 }}
   server up 127.0.0.1:{up}
 """)
-    def gateway_config(name, listen, admin_listen, store, access_log="false"):
+    def gateway_config(name, listen, admin_listen, store, access_log="false", tls=""):
         write(f"{tmp}/{name}.toml", f"""
+{tls}
 [server]
 work_stealing = {WORK_STEALING}
 listen = "127.0.0.1:{listen}"
@@ -285,7 +340,12 @@ rate_limits = [
   {{ name = "per-user", key = "user", per_second = 1000000, burst = 1000000 }},
 ]
 """)
-    gateway_config("gateway", gw, admin, "")
+    tls_section = "" if not TLS else f"""[tls]
+listen = "127.0.0.1:{tls_ports['gateway']}"
+http2 = true
+certificates = [{{ cert_file = "{cert}", key_file = "{key}" }}]
+"""
+    gateway_config("gateway", gw, admin, "", tls=tls_section)
     store_sections = {
         "redis": f'[store]\nkind = "redis"\nredis_url = "redis://127.0.0.1:{redis_port}"',
         "cluster": '[store]\nkind = "redis-cluster"\nredis_urls = [' +
@@ -334,7 +394,9 @@ end
                 "haproxy": (start([haproxy, "-db", "-f", f"{tmp}/haproxy.cfg"], 0), hap),
                 "bare pingora": (start([bare], 0, env=dict(os.environ, BARE_PROXY_LISTEN=f"127.0.0.1:{bare_port}",
                                                             BARE_PROXY_UPSTREAM=f"127.0.0.1:{up}", BARE_PROXY_THREADS="1",
-                                                            BARE_PROXY_WORK_STEALING=WORK_STEALING)), bare_port),
+                                                            BARE_PROXY_WORK_STEALING=WORK_STEALING,
+                                                            **({"BARE_PROXY_TLS_LISTEN": f"127.0.0.1:{tls_ports['bare pingora']}",
+                                                                "BARE_PROXY_CERT": cert, "BARE_PROXY_KEY": key} if TLS else {}))), bare_port),
                 "gateway": (start([gateway, "run", "--config", f"{tmp}/gateway.toml"], 0,
                                   env=dict(os.environ, BENCH_JWT_SECRET=SECRET), log=open(f"{tmp}/gateway.log", "a")), gw),
             }
@@ -366,14 +428,32 @@ end
             {"name": "login guard (401, fresh emails)", "path": "/api/v1/auth/login", "lua": login_lua,
              "method": "POST", "body": login_body, "check": {"*": (401, ENV_401)}, "stores": True},
         ]
+        if TLS:
+            scenarios += [
+                {"name": "TLS 1.3 handshakes (a new connection per request)", "path": "/ok", "tls": True,
+                 "headers": {"Connection": "close"}, "check": {"*": (200, OK_BODY)}},
+                {"name": "TLS HTTP/1.1 keep-alive 39 B JSON", "path": "/ok", "tls": True,
+                 "check": {"*": (200, OK_BODY)}},
+                {"name": f"HTTP/2 {H2_CONNS} conns x {H2_STREAMS} streams 39 B JSON", "path": "/ok", "tls": True,
+                 "h2": True, "check": {"*": (200, OK_BODY)}},
+                {"name": f"HTTP/2 {H2_CONNS} conns x {H2_STREAMS} streams 64 KiB", "path": "/big", "tls": True,
+                 "h2": True, "check": {"*": (200, None)}},
+            ]
+        if ONLY:
+            scenarios = [sc for sc in scenarios if any(sc["name"].startswith(p) for p in ONLY)]
         results = []
         for sc in scenarios:
             measured = {n: t for n, t in targets.items() if sc.get("stores") or n not in store_targets}
+            if sc.get("tls"):
+                measured = {n: (targets[n][0], tls_ports[n]) for n in tls_ports}
             for name, (proc, port) in measured.items():
                 status, expect = sc["check"].get(name, sc["check"].get("*"))
-                got_status, got = request(port, sc.get("method", "GET"), sc["path"],
-                                          headers=dict(sc.get("headers", {}), **({"Content-Type": "application/json"} if sc.get("body") else {})),
-                                          body=sc.get("body"))
+                if sc.get("tls"):
+                    got_status, got = https_check(port, sc["path"])
+                else:
+                    got_status, got = request(port, sc.get("method", "GET"), sc["path"],
+                                              headers=dict(sc.get("headers", {}), **({"Content-Type": "application/json"} if sc.get("body") else {})),
+                                              body=sc.get("body"))
                 if got_status != status or (expect is not None and got.decode(errors="replace") != expect):
                     raise SystemExit(f"bench: {name} answers {sc['path']} wrongly: {got_status} {got[:200]!r}")
             # Runs take turns (nginx, haproxy, bare, gateway, nginx, ...) so that a slow spell of
@@ -381,7 +461,10 @@ end
             runs = {name: [] for name in measured}
             for _ in range(RUNS):
                 for name, (_, port) in measured.items():
-                    runs[name].append(wrk(port, sc))
+                    if sc.get("h2"):
+                        runs[name].append(h2load(port, sc, f"{tmp}/h2load.log"))
+                    else:
+                        runs[name].append(wrk(port, sc))
             for name, (proc, _) in measured.items():
                 rps = statistics.median(r[0] for r in runs[name])
                 p50 = statistics.median(r[1] for r in runs[name])

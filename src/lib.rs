@@ -84,9 +84,8 @@ pub fn build_server(
     upgrade: bool,
     extra: impl FnOnce(&mut Server),
 ) -> Result<Server, BuildError> {
-    // One TLS crypto provider for the whole process (rediss:// connections), chosen explicitly
-    // rather than by whichever crate features happen to be enabled.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    // One TLS crypto provider for the whole process (the listener, rediss://, upstreams).
+    tls::provider();
     if !upgrade {
         // An upgrade takes over the old process's sockets; a fresh start must own its
         // addresses, or it would run, healthy on the admin port, without a public listener.

@@ -76,7 +76,7 @@ enum Command {
 
 /// Logs to stderr at `level` (`RUST_LOG` overrides it), as JSON lines or text, with a filter
 /// that `PUT /-/log-level` can change while running.
-fn init_logging(level: &str, format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+fn init_logging(level: &str, format: LogFormat) -> get2dial_gateway::log_sink::Guard {
     use get2dial_gateway::log_level;
     use tracing_subscriber::EnvFilter;
     let from_env = std::env::var("RUST_LOG")

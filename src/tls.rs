@@ -87,6 +87,20 @@ fn name_matches(pattern: &str, host: &str) -> bool {
     }
 }
 
+/// The process's one TLS crypto provider (installed as rustls's default on first use): `ring`,
+/// or AWS-LC with the `aws-lc` feature. Chosen explicitly rather than by whichever crate
+/// features happen to be enabled; README, Performance, has the handshake rates of both.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    #[cfg(feature = "aws-lc")]
+    let chosen = rustls::crypto::aws_lc_rs::default_provider;
+    #[cfg(not(feature = "aws-lc"))]
+    let chosen = rustls::crypto::ring::default_provider;
+    let _ = chosen().install_default();
+    rustls::crypto::CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(chosen()))
+}
+
 fn certified_key(s: &CertSource) -> Result<CertifiedKey, String> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&s.cert_file)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
@@ -96,7 +110,9 @@ fn certified_key(s: &CertSource) -> Result<CertifiedKey, String> {
     }
     let key = PrivateKeyDer::from_pem_file(&s.key_file)
         .map_err(|e| format!("{}: {e}", s.key_file.display()))?;
-    let signing = rustls::crypto::ring::sign::any_supported_type(&key)
+    let signing = provider()
+        .key_provider
+        .load_private_key(key)
         .map_err(|e| format!("{}: unusable private key: {e}", s.key_file.display()))?;
     let ck = CertifiedKey::new(certs, signing);
     ck.keys_match().map_err(|e| {

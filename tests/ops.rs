@@ -379,12 +379,19 @@ fn access_log_is_one_json_line_per_request_without_secrets() {
     assert_eq!(r.status, 200);
     gw.get("/ws/agent?token=secret-token-value");
     gw.get("/nowhere");
+    // Credentials where a client may put them in what is logged: the path, the user agent.
+    let jwt_path = "/nowhere/eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2VjcmV0LXBhdGgtc2ln";
+    let r = gw.send(
+        format!("GET {jwt_path} HTTP/1.1\r\nHost: t\r\nUser-Agent: probe Bearer ua-secret-credential\r\n\r\n")
+            .as_bytes(),
+    );
+    assert_eq!(r.status, 404);
     // A client's fault: a body that is not chunked as it says (400).
     let bad = gw.send(
         b"POST /u/ok HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
     );
     assert_eq!(bad.status, 400);
-    // Lines are written by the log thread: wait for all four.
+    // Lines are written by the log thread: wait for all five.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let (log, lines) = loop {
         let log = gw.log();
@@ -393,12 +400,12 @@ fn access_log_is_one_json_line_per_request_without_secrets() {
             .filter_map(|l| serde_json::from_str(l).ok())
             .filter(|v: &serde_json::Value| v["target"] == "access")
             .collect();
-        if lines.len() >= 4 || std::time::Instant::now() > deadline {
+        if lines.len() >= 5 || std::time::Instant::now() > deadline {
             break (log, lines);
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert_eq!(lines.len(), 4, "{log}");
+    assert_eq!(lines.len(), 5, "{log}");
     // Client faults are not errors of the gateway: no ERROR line for them.
     assert!(!log.contains("\"level\":\"ERROR\""), "{log}");
     // Lines are written after each answer went out, so their order may differ from the requests'.
@@ -444,6 +451,12 @@ fn access_log_is_one_json_line_per_request_without_secrets() {
         !log.contains("secret-token-value"),
         "a token reached the log"
     );
+    assert!(
+        !log.contains("c2VjcmV0LXBhdGgtc2ln") && !log.contains("ua-secret-credential"),
+        "{log}"
+    );
+    let redacted = by_path("/nowhere/[redacted]");
+    assert_eq!(redacted["user_agent"], "probe Bearer [redacted]");
     assert!(!log.contains(secret));
 }
 

@@ -493,8 +493,6 @@ impl ProxyHttp for Gateway {
                 .get(header::USER_AGENT)
                 .and_then(|v| v.to_str().ok())
                 .map_or("", |ua| bounded(ua, MAX_LOGGED_USER_AGENT));
-            let server = ctx.server.map(|s| s.to_string()).unwrap_or_default();
-            let client = ClientText(&ctx.client).to_string();
             crate::log_sink::access(&crate::log_sink::AccessLine {
                 request_id: request_id::as_str(&ctx.request_id),
                 trace_id: ctx.trace_id.as_deref().unwrap_or(""),
@@ -503,14 +501,14 @@ impl ProxyHttp for Gateway {
                 path: req.uri.path(),
                 status,
                 upstream,
-                server: &server,
+                server: ctx.server,
                 duration_ms: ctx.start.elapsed().as_secs_f64() * 1000.0,
                 ttfb_ms: ctx.ttfb.map(|t| t.as_secs_f64() * 1000.0),
                 retries: ctx.tries.saturating_sub(1),
                 bytes_in: ctx.body_bytes,
                 bytes: session.body_bytes_sent(),
                 user_agent,
-                client_ip: &client,
+                client_ip: &ctx.client,
                 auth: ctx.auth,
             });
         }
