@@ -17,6 +17,16 @@ pub enum Client {
     Unknown(Box<str>),
 }
 
+/// The address, or `unknown:<hop>` for a hop that is not one (logs, spans).
+impl std::fmt::Display for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Client::Ip(ip) => ip.fmt(f),
+            Client::Unknown(hop) => write!(f, "unknown:{hop}"),
+        }
+    }
+}
+
 /// Longest hop text kept for an unknown client.
 pub const MAX_HOP: usize = 64;
 

@@ -232,18 +232,6 @@ impl std::fmt::Display for Server {
     }
 }
 
-/// What `client_ip` shows.
-struct ClientText<'a>(&'a Client);
-
-impl std::fmt::Display for ClientText<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Client::Ip(ip) => ip.fmt(f),
-            Client::Unknown(hop) => write!(f, "unknown:{hop}"),
-        }
-    }
-}
-
 /// Writes `line` (target `access`, level INFO) when the log filter lets such lines through.
 pub fn access(line: &AccessLine<'_>) {
     if !tracing::enabled!(target: "access", tracing::Level::INFO) {
@@ -309,7 +297,7 @@ fn format_access(buf: &mut Vec<u8>, line: &AccessLine<'_>, json: bool) -> std::i
             line.bytes_in,
             line.bytes,
             line.user_agent,
-            ClientText(line.client_ip),
+            line.client_ip,
             line.auth,
         )?;
         buf.push(b'\n');
@@ -358,7 +346,7 @@ fn format_access(buf: &mut Vec<u8>, line: &AccessLine<'_>, json: bool) -> std::i
             write_ip(buf, *ip)?;
             buf.push(b'"');
         }
-        Client::Unknown(hop) => json_str(buf, &format!("unknown:{hop}"))?,
+        Client::Unknown(_) => json_str(buf, &line.client_ip.to_string())?,
     }
     buf.extend_from_slice(b",\"auth\":");
     json_str(buf, line.auth)?;

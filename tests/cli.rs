@@ -111,8 +111,9 @@ fn check_config_names_the_file_and_the_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/gw.toml"));
 }
 
-#[test]
-fn demo_shows_the_contract_in_front_of_the_stand_in() {
+/// The documented example in a temporary directory (`gateway.toml`), listening on free ports;
+/// with the public port and the stand-in's.
+fn example_on_free_ports() -> (tempfile::TempDir, u16, u16) {
     let (listen, admin, stand_in) = (free_port(), free_port(), free_port());
     let example = std::fs::read_to_string("config/gateway.toml").unwrap();
     let config = example
@@ -120,8 +121,14 @@ fn demo_shows_the_contract_in_front_of_the_stand_in() {
         .replace("127.0.0.1:9090", &format!("127.0.0.1:{admin}"))
         .replace("127.0.0.1:8081", &format!("127.0.0.1:{stand_in}"));
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("demo.toml");
-    std::fs::write(&path, config).unwrap();
+    std::fs::write(dir.path().join("gateway.toml"), config).unwrap();
+    (dir, listen, stand_in)
+}
+
+#[test]
+fn demo_shows_the_contract_in_front_of_the_stand_in() {
+    let (dir, listen, _) = example_on_free_ports();
+    let path = dir.path().join("gateway.toml");
     let mut child = Command::new(BIN)
         .args(["demo", "--config"])
         .arg(&path)
@@ -204,15 +211,8 @@ fn a_taken_listen_address_stops_the_start_and_names_the_key() {
 #[test]
 fn stand_in_runs_alone_for_a_gateway_in_another_process() {
     // The shape of deploy/compose: the stand-in in one process, the gateway in another.
-    let (listen, admin, stand_in) = (free_port(), free_port(), free_port());
-    let example = std::fs::read_to_string("config/gateway.toml").unwrap();
-    let config = example
-        .replace("127.0.0.1:8080", &format!("127.0.0.1:{listen}"))
-        .replace("127.0.0.1:9090", &format!("127.0.0.1:{admin}"))
-        .replace("127.0.0.1:8081", &format!("127.0.0.1:{stand_in}"));
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, listen, stand_in) = example_on_free_ports();
     let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, config).unwrap();
     let spawn = |args: &[&str]| {
         Command::new(BIN)
             .args(args)

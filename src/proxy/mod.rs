@@ -593,7 +593,7 @@ impl Gateway {
             KeyValue::new("http.route", route.to_string()),
             KeyValue::new("url.path", req.uri.path().to_string()),
             KeyValue::new("http.response.status_code", i64::from(status)),
-            KeyValue::new("client.address", ClientText(&ctx.client).to_string()),
+            KeyValue::new("client.address", ctx.client.to_string()),
             KeyValue::new(
                 "gateway.request_id",
                 request_id::as_str(&ctx.request_id).to_string(),
@@ -699,18 +699,6 @@ fn bounded(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
-}
-
-/// The client as the access log writes it: the address, or the unknown hop's text.
-struct ClientText<'a>(&'a Client);
-
-impl std::fmt::Display for ClientText<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Client::Ip(ip) => ip.fmt(f),
-            Client::Unknown(hop) => write!(f, "unknown:{hop}"),
-        }
-    }
 }
 
 /// The socket peer's address.

@@ -87,9 +87,9 @@ pub(crate) struct LockTable {
 }
 
 impl LockTable {
-    /// The table, sized for `max_entries`.
-    fn sized(&self, max_entries: usize) -> &Table {
-        let max_entries = max_entries.max(1);
+    /// The table, sized for the smallest of the policies' `max_entries`.
+    fn sized(&self, max_entries: impl Iterator<Item = usize>) -> &Table {
+        let max_entries = max_entries.min().unwrap_or(1).max(1);
         let table = self.table.get_or_init(|| {
             let options = OptionsBuilder::new()
                 .estimated_items_capacity(max_entries)
@@ -134,12 +134,7 @@ impl LockTable {
     /// never let in over the limit.
     pub(crate) fn reserve(&self, locks: &[Lock<'_>], ticket: Ticket) -> Reservation {
         let now = Instant::now();
-        let max_entries = locks
-            .iter()
-            .map(|l| l.policy.max_entries)
-            .min()
-            .unwrap_or(1);
-        let table = self.sized(max_entries);
+        let table = self.sized(locks.iter().map(|l| l.policy.max_entries));
         for (i, lock) in locks.iter().enumerate() {
             let verdict = Self::take(table, lock, ticket, now);
             if verdict != Reservation::Granted(ticket) {
@@ -206,12 +201,7 @@ impl LockTable {
         offline: bool,
     ) -> bool {
         let now = Instant::now();
-        let max_entries = locks
-            .iter()
-            .map(|(l, _)| l.policy.max_entries)
-            .min()
-            .unwrap_or(1);
-        let table = self.sized(max_entries);
+        let table = self.sized(locks.iter().map(|(l, _)| l.policy.max_entries));
         let mut locked = false;
         for (lock, outcome) in locks {
             locked |= Self::settle_one(table, lock, ticket, *outcome, now, offline);
@@ -286,12 +276,7 @@ impl LockTable {
     /// `paid` owed failures.
     pub(crate) fn mirror(&self, locks: &[Lock<'_>], paid: &[u32], states: &[(u32, Duration)]) {
         let now = Instant::now();
-        let max_entries = locks
-            .iter()
-            .map(|l| l.policy.max_entries)
-            .min()
-            .unwrap_or(1);
-        let table = self.sized(max_entries);
+        let table = self.sized(locks.iter().map(|l| l.policy.max_entries));
         for (i, (lock, (failures, lock_left))) in locks.iter().zip(states).enumerate() {
             let paid = paid.get(i).copied().unwrap_or(0);
             let take_word = |e: &mut Entry| {
