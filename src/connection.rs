@@ -33,6 +33,7 @@ use tokio::sync::{futures::Notified, Notify};
 use tokio::time::{sleep, Instant, Sleep};
 
 use crate::head::{self, Head, Refusal};
+use crate::metrics::GaugeGuard;
 
 /// How much of a new request one read takes; Pingora's own first head read is as large.
 const FIRST_READ: usize = 4096;
@@ -71,23 +72,6 @@ pub struct OpenGauges {
     pub h2_tls: prometheus::IntGauge,
 }
 
-/// One open connection on its gauge, counted out when the connection's task drops it,
-/// however the connection ends.
-struct Open(prometheus::IntGauge);
-
-impl Open {
-    fn new(gauge: &prometheus::IntGauge) -> Open {
-        gauge.inc();
-        Open(gauge.clone())
-    }
-}
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
 /// A [`ServerApp`] that serves HTTP/1 connections of `app` with a small idle footprint.
 pub struct Connections<A> {
     app: Arc<A>,
@@ -120,7 +104,12 @@ where
     }
 
     /// One HTTP/1 connection: wait for a request's first bytes, let Pingora serve it, repeat.
-    async fn serve_h1(self: Arc<Self>, mut stream: Stream, shutdown: ShutdownWatch, _open: Open) {
+    async fn serve_h1(
+        self: Arc<Self>,
+        mut stream: Stream,
+        shutdown: ShutdownWatch,
+        _open: GaugeGuard,
+    ) {
         let mut settings: Option<HttpPersistentSettings> = None;
         // One timer for the connection, not one per request: it is armed once for the idle
         // deadline and, when it fires after the connection was busy meanwhile, moved to the
@@ -440,14 +429,14 @@ where
                 } else {
                     &self.open.http1
                 };
-                let open = Open::new(gauge);
+                let open = GaugeGuard::new(gauge);
                 // A task of its own, so the accepting task (sized for a TLS handshake) ends now.
                 tokio::spawn(self.clone().serve_h1(stream, shutdown.clone(), open));
                 None
             }
             _ => {
                 // Pingora serves the whole HTTP/2 connection within this call.
-                let _open = Open::new(&self.open.h2_tls);
+                let _open = GaugeGuard::new(&self.open.h2_tls);
                 self.app.process_new(stream, shutdown).await
             }
         }
@@ -514,7 +503,7 @@ mod tests {
                 h2_tls: gauge.clone(),
             },
         ));
-        let open = Open::new(&gauge);
+        let open = GaugeGuard::new(&gauge);
         let task = app.serve_h1(stream, rx, open);
         let size = std::mem::size_of_val(&task);
         assert!(size <= 1024, "connection task state is {size} bytes");

@@ -74,7 +74,7 @@ impl Gateway {
 /// What one request carries from phase to phase.
 pub struct Ctx {
     /// Counts the request in flight until the context is dropped (its very end).
-    _in_flight: InFlight,
+    _in_flight: crate::metrics::GaugeGuard,
     /// The configuration this request runs under, from start to end.
     state: Arc<State>,
     start: Instant,
@@ -143,7 +143,7 @@ impl ProxyHttp for Gateway {
 
     fn new_ctx(&self) -> Ctx {
         Ctx {
-            _in_flight: InFlight::new(&self.metrics.in_flight),
+            _in_flight: crate::metrics::GaugeGuard::new(&self.metrics.in_flight),
             state: self.state.load_full(),
             start: Instant::now(),
             request_id: HeaderValue::from_static(""),
@@ -666,23 +666,6 @@ impl Ctx {
                 .rewrite
                 .as_ref()
                 .is_some_and(Rewrite::violated_contract)
-    }
-}
-
-/// One request in `gateway_http_requests_in_flight`, for as long as it lives: a guard, so every
-/// way a request can end (answered, failed, client gone) counts it out.
-struct InFlight(prometheus::IntGauge);
-
-impl InFlight {
-    fn new(gauge: &prometheus::IntGauge) -> InFlight {
-        gauge.inc();
-        InFlight(gauge.clone())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }
 

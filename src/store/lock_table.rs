@@ -108,7 +108,9 @@ impl LockTable {
                 ),
             }
         });
-        if self.sized_for.swap(max_entries, Ordering::Relaxed) != max_entries {
+        // A read on every operation; a write only when a reload changed the bound.
+        if self.sized_for.load(Ordering::Relaxed) != max_entries {
+            self.sized_for.store(max_entries, Ordering::Relaxed);
             table.set_capacity(max_entries as u64);
         }
         table
