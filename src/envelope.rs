@@ -139,6 +139,11 @@ pub fn normalise(status: u16, body_bytes: &[u8]) -> Bytes {
     if is_envelope(body_bytes) {
         return Bytes::copy_from_slice(body_bytes);
     }
+    replacement(status, body_bytes)
+}
+
+/// The envelope for an upstream error body that is not one (see [`normalise`]).
+pub fn replacement(status: u16, body_bytes: &[u8]) -> Bytes {
     if (400..500).contains(&status) {
         if let Some(m) = upstream_message(body_bytes) {
             return body(&m);

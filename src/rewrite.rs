@@ -1,7 +1,9 @@
 //! Rewriting an upstream's error answer (status >= 400) into the envelope, keeping its status.
 //!
 //! The decision is taken from the response header alone, because the framing sent downstream
-//! must be fixed before any body byte arrives:
+//! must be fixed before any body byte arrives. [`plan`] only reads the header; the head the
+//! client gets drops the upstream's body headers ([`is_body_header`]) and carries the
+//! envelope's ([`Rewrite::body_headers`]), written once when the answer head is rebuilt:
 //! - 1xx/2xx/3xx pass untouched and streamed ([`Plan::Pass`]).
 //! - A bodyless error (`Content-Length: 0`) never reaches Pingora's body filters, so the caller
 //!   turns it into an error and `fail_to_proxy` writes the envelope ([`Plan::Empty`]).
@@ -14,7 +16,7 @@
 use std::io::Read;
 
 use bytes::Bytes;
-use http::header;
+use http::header::{self, HeaderName, HeaderValue};
 use pingora::http::ResponseHeader;
 
 use crate::envelope;
@@ -43,17 +45,23 @@ pub enum Plan {
     Pass,
     /// An error without a body: answer it with the default envelope through `fail_to_proxy`.
     Empty,
-    /// An error with a body: the header has been rewritten; feed the body to the [`Rewrite`].
+    /// An error with a body: give the client [`Rewrite::body_headers`] and feed the body to the
+    /// [`Rewrite`].
     Rewrite(Rewrite),
 }
 
 /// The body side of a rewrite in progress.
 #[derive(Debug)]
 pub enum Rewrite {
-    /// The answer to a HEAD request: headers only.
-    Head,
-    /// The envelope is known; it is sent on the first body event (`None` once sent).
-    Fixed(Option<Bytes>),
+    /// The answer to a HEAD request: headers only, announcing the envelope's length.
+    Head(usize),
+    /// The envelope is known; it is sent on the first body event, and nothing after it.
+    Fixed {
+        /// The envelope.
+        body: Bytes,
+        /// It has been sent.
+        sent: bool,
+    },
     /// The body decides; buffered until its end or until it outgrows [`MAX_BUFFERED`].
     Inspect {
         /// Upstream status.
@@ -80,15 +88,14 @@ pub enum Encoding {
     Deflate,
 }
 
-/// Decides what happens to an upstream response and rewrites its header when it is an error.
-pub fn plan(is_head: bool, resp: &mut ResponseHeader) -> Plan {
+/// Decides from its header what happens to an upstream response (the header is not changed).
+pub fn plan(is_head: bool, resp: &ResponseHeader) -> Plan {
     let status = resp.status.as_u16();
     if status < 400 {
         return Plan::Pass;
     }
     if is_head {
-        fix_header(resp, Some(envelope::default_body(status).len()));
-        return Plan::Rewrite(Rewrite::Head);
+        return Plan::Rewrite(Rewrite::Head(envelope::default_body(status).len()));
     }
     let content_length = resp
         .headers
@@ -116,21 +123,17 @@ pub fn plan(is_head: bool, resp: &mut ResponseHeader) -> Plan {
         .map(|v| is_json_type(v.as_bytes()))
         .unwrap_or(true);
     match encoding {
-        Some(encoding) if may_be_json && !too_large => {
-            fix_header(resp, None);
-            Plan::Rewrite(Rewrite::Inspect {
-                status,
-                encoding,
-                buf: Vec::new(),
-                sent: false,
-                passed_envelope: false,
-            })
-        }
-        _ => {
-            let body = envelope::default_body(status);
-            fix_header(resp, Some(body.len()));
-            Plan::Rewrite(Rewrite::Fixed(Some(body)))
-        }
+        Some(encoding) if may_be_json && !too_large => Plan::Rewrite(Rewrite::Inspect {
+            status,
+            encoding,
+            buf: Vec::new(),
+            sent: false,
+            passed_envelope: false,
+        }),
+        _ => Plan::Rewrite(Rewrite::Fixed {
+            body: envelope::default_body(status),
+            sent: false,
+        }),
     }
 }
 
@@ -153,25 +156,43 @@ fn is_json_type(value: &[u8]) -> bool {
     essence == "application/json" || essence == "text/json" || essence.ends_with("+json")
 }
 
-/// Replaces the body headers: JSON, and either an exact length or chunked framing.
-fn fix_header(resp: &mut ResponseHeader, length: Option<usize>) {
-    for h in BODY_HEADERS.iter() {
-        resp.remove_header(h);
-    }
-    // Inserting well-formed static names and values cannot fail.
-    let _ = resp.insert_header(header::CONTENT_TYPE, envelope::CONTENT_TYPE);
-    let _ = match length {
-        Some(n) => resp.insert_header(header::CONTENT_LENGTH, n.to_string()),
-        None => resp.insert_header(header::TRANSFER_ENCODING, "chunked"),
-    };
+/// True for an upstream header that describes its body: stale on the envelope, so a rewritten
+/// answer goes out without it.
+pub fn is_body_header(name: &HeaderName) -> bool {
+    BODY_HEADERS.contains(name)
 }
 
 impl Rewrite {
+    /// The envelope's body headers: JSON, and either its exact length or chunked framing.
+    pub fn body_headers(&self) -> [(HeaderName, HeaderValue); 2] {
+        let framing = match self {
+            Rewrite::Head(length) => (header::CONTENT_LENGTH, HeaderValue::from(*length)),
+            Rewrite::Fixed { body, .. } => (header::CONTENT_LENGTH, HeaderValue::from(body.len())),
+            Rewrite::Inspect { .. } => (
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            ),
+        };
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(envelope::CONTENT_TYPE),
+            ),
+            framing,
+        ]
+    }
+
     /// Replaces one upstream body event with what the client gets instead.
     pub fn on_body(&mut self, body: &mut Option<Bytes>, end: bool) {
         match self {
-            Rewrite::Head => *body = None,
-            Rewrite::Fixed(pending) => *body = pending.take(),
+            Rewrite::Head(_) => *body = None,
+            Rewrite::Fixed {
+                body: envelope,
+                sent,
+            } => {
+                *body = (!*sent).then(|| envelope.clone());
+                *sent = true;
+            }
             Rewrite::Inspect {
                 status,
                 encoding,
@@ -194,14 +215,14 @@ impl Rewrite {
                     buf.extend_from_slice(&chunk);
                 }
                 if end {
-                    let envelope = match decode(*encoding, buf) {
-                        Some(plain) => {
-                            *passed_envelope = envelope::is_envelope(&plain);
-                            envelope::normalise(*status, &plain)
+                    let envelope = match decode(*encoding, std::mem::take(buf)) {
+                        Some(plain) if envelope::is_envelope(&plain) => {
+                            *passed_envelope = true;
+                            Bytes::from(plain)
                         }
+                        Some(plain) => envelope::replacement(*status, &plain),
                         None => envelope::default_body(*status),
                     };
-                    *buf = Vec::new();
                     *sent = true;
                     *body = Some(envelope);
                 }
@@ -222,8 +243,9 @@ impl Rewrite {
     }
 }
 
-/// Decodes `buf`, refusing output over [`MAX_BUFFERED`] (a decompression bomb gets `None`).
-fn decode(encoding: Encoding, buf: &[u8]) -> Option<Vec<u8>> {
+/// Decodes `buf` (kept as it is when not encoded), refusing output over [`MAX_BUFFERED`] (a
+/// decompression bomb gets `None`).
+fn decode(encoding: Encoding, buf: Vec<u8>) -> Option<Vec<u8>> {
     fn bounded(mut r: impl Read) -> Option<Vec<u8>> {
         let mut out = Vec::new();
         r.by_ref()
@@ -233,10 +255,10 @@ fn decode(encoding: Encoding, buf: &[u8]) -> Option<Vec<u8>> {
         (out.len() <= MAX_BUFFERED).then_some(out)
     }
     match encoding {
-        Encoding::Identity => Some(buf.to_vec()),
-        Encoding::Gzip => bounded(flate2::read::MultiGzDecoder::new(buf)),
-        Encoding::Deflate => bounded(flate2::read::ZlibDecoder::new(buf))
-            .or_else(|| bounded(flate2::read::DeflateDecoder::new(buf))),
+        Encoding::Identity => Some(buf),
+        Encoding::Gzip => bounded(flate2::read::MultiGzDecoder::new(&buf[..])),
+        Encoding::Deflate => bounded(flate2::read::ZlibDecoder::new(&buf[..]))
+            .or_else(|| bounded(flate2::read::DeflateDecoder::new(&buf[..]))),
     }
 }
 
@@ -253,6 +275,14 @@ mod tests {
         r
     }
 
+    /// The envelope's body header `name`, as the client gets it.
+    fn framing(rw: &Rewrite, name: header::HeaderName) -> Option<String> {
+        rw.body_headers()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.to_str().unwrap().to_owned())
+    }
+
     fn run(rw: &mut Rewrite, chunks: &[&[u8]]) -> Vec<u8> {
         let mut out = Vec::new();
         for (i, c) in chunks.iter().enumerate() {
@@ -267,13 +297,13 @@ mod tests {
 
     #[test]
     fn success_passes() {
-        assert!(matches!(plan(false, &mut resp(200, &[])), Plan::Pass));
-        assert!(matches!(plan(false, &mut resp(304, &[])), Plan::Pass));
+        assert!(matches!(plan(false, &resp(200, &[])), Plan::Pass));
+        assert!(matches!(plan(false, &resp(304, &[])), Plan::Pass));
     }
 
     #[test]
     fn html_500_is_fixed_with_exact_length() {
-        let mut r = resp(
+        let r = resp(
             500,
             &[
                 ("content-type", "text/html"),
@@ -281,12 +311,18 @@ mod tests {
                 ("etag", "x"),
             ],
         );
-        let Plan::Rewrite(mut rw) = plan(false, &mut r) else {
+        let Plan::Rewrite(mut rw) = plan(false, &r) else {
             panic!()
         };
-        assert_eq!(r.headers["content-length"], "52");
-        assert_eq!(r.headers["content-type"], "application/json");
-        assert!(r.headers.get("etag").is_none());
+        assert_eq!(framing(&rw, header::CONTENT_LENGTH).unwrap(), "52");
+        assert_eq!(
+            framing(&rw, header::CONTENT_TYPE).unwrap(),
+            "application/json"
+        );
+        for name in ["content-type", "content-length", "etag"] {
+            assert!(is_body_header(&header::HeaderName::from_static(name)));
+        }
+        assert!(!is_body_header(&header::RETRY_AFTER));
         assert_eq!(
             run(&mut rw, &[b"<html>", b"trace"]),
             br#"{"status":"error","message":"internal server error"}"#
@@ -297,25 +333,25 @@ mod tests {
     #[test]
     fn empty_error_goes_through_fail_to_proxy() {
         assert!(matches!(
-            plan(false, &mut resp(404, &[("content-length", "0")])),
+            plan(false, &resp(404, &[("content-length", "0")])),
             Plan::Empty
         ));
     }
 
     #[test]
     fn json_body_is_judged_at_the_end() {
-        let mut r = resp(
+        let r = resp(
             422,
             &[
                 ("content-type", "application/problem+json"),
                 ("content-length", "30"),
             ],
         );
-        let Plan::Rewrite(mut rw) = plan(false, &mut r) else {
+        let Plan::Rewrite(mut rw) = plan(false, &r) else {
             panic!()
         };
-        assert!(r.headers.get("content-length").is_none());
-        assert_eq!(r.headers["transfer-encoding"], "chunked");
+        assert!(framing(&rw, header::CONTENT_LENGTH).is_none());
+        assert_eq!(framing(&rw, header::TRANSFER_ENCODING).unwrap(), "chunked");
         assert_eq!(
             run(&mut rw, &[b"{\"title\":", b"\"bad email\"}"]),
             br#"{"status":"error","message":"bad email"}"#
@@ -324,8 +360,8 @@ mod tests {
 
     #[test]
     fn envelope_passes_and_is_not_a_violation() {
-        let mut r = resp(500, &[("content-type", "application/json")]);
-        let Plan::Rewrite(mut rw) = plan(false, &mut r) else {
+        let r = resp(500, &[("content-type", "application/json")]);
+        let Plan::Rewrite(mut rw) = plan(false, &r) else {
             panic!()
         };
         let e = br#"{"status":"error","message":"db down"}"#;
@@ -338,17 +374,17 @@ mod tests {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         gz.write_all(br#"{"message":"no such user"}"#).unwrap();
         let data = gz.finish().unwrap();
-        let mut r = resp(
+        let r = resp(
             404,
             &[
                 ("content-type", "application/json"),
                 ("content-encoding", "gzip"),
             ],
         );
-        let Plan::Rewrite(mut rw) = plan(false, &mut r) else {
+        let Plan::Rewrite(mut rw) = plan(false, &r) else {
             panic!()
         };
-        assert!(r.headers.get("content-encoding").is_none());
+        assert!(is_body_header(&header::CONTENT_ENCODING));
         assert_eq!(
             run(&mut rw, &[&data]),
             br#"{"status":"error","message":"no such user"}"#
@@ -360,8 +396,8 @@ mod tests {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
         gz.write_all(&vec![b' '; 10 * MAX_BUFFERED]).unwrap();
         let data = gz.finish().unwrap();
-        let mut r = resp(400, &[("content-encoding", "gzip")]);
-        let Plan::Rewrite(mut rw) = plan(false, &mut r) else {
+        let r = resp(400, &[("content-encoding", "gzip")]);
+        let Plan::Rewrite(mut rw) = plan(false, &r) else {
             panic!()
         };
         assert_eq!(
@@ -372,8 +408,8 @@ mod tests {
 
     #[test]
     fn overflow_sends_default_early_and_drops_rest() {
-        let mut r = resp(404, &[("content-type", "application/json")]);
-        let Plan::Rewrite(mut rw) = plan(false, &mut r) else {
+        let r = resp(404, &[("content-type", "application/json")]);
+        let Plan::Rewrite(mut rw) = plan(false, &r) else {
             panic!()
         };
         let big = vec![b'x'; MAX_BUFFERED];
@@ -390,7 +426,7 @@ mod tests {
 
     #[test]
     fn unknown_encoding_and_head_get_fixed_answers() {
-        let mut r = resp(
+        let r = resp(
             401,
             &[
                 ("content-encoding", "br"),
@@ -398,11 +434,14 @@ mod tests {
             ],
         );
         assert!(matches!(
-            plan(false, &mut r),
-            Plan::Rewrite(Rewrite::Fixed(_))
+            plan(false, &r),
+            Plan::Rewrite(Rewrite::Fixed { .. })
         ));
-        let mut r = resp(404, &[("content-length", "0")]);
-        assert!(matches!(plan(true, &mut r), Plan::Rewrite(Rewrite::Head)));
-        assert_eq!(r.headers["content-length"], "40");
+        let r = resp(404, &[("content-length", "0")]);
+        let Plan::Rewrite(rw) = plan(true, &r) else {
+            panic!()
+        };
+        assert!(matches!(rw, Rewrite::Head(_)));
+        assert_eq!(framing(&rw, header::CONTENT_LENGTH).unwrap(), "40");
     }
 }

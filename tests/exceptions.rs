@@ -7,11 +7,12 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::tls::{client, Pki};
+use common::tls::{client, h2_connect, Pki};
 use common::upstream::Upstream;
 use common::{free_port, parse_metrics, Conn, Gateway};
 
-/// The routes here: `/u/` (public), `/u/ws` (WebSocket), over plain HTTP/1.1 and TLS with h2.
+/// The routes here: `/u/` (public), `/u/ws` (WebSocket) and the login route, over plain HTTP/1.1
+/// and TLS with h2.
 fn gateway(up: &Upstream, server: &str) -> (Gateway, u16, Pki) {
     let pki = Pki::new();
     let (cert, key, _) = pki.issue(&["api.test"]);
@@ -41,8 +42,11 @@ name = "app"
 path_prefix = "/u/"
 upstream = "app"
 auth = "public"
+
+{login}
 "#,
-            up = up.addr
+            up = up.addr,
+            login = common::login_route("app", ""),
         ),
         &[],
         &[("api.pem", &cert), ("api.key", &key)],
@@ -255,6 +259,70 @@ fn malformed_chunked_bodies_are_the_clients_fault() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 200);
+}
+
+#[test]
+fn a_stalled_login_body_is_408_on_http1_and_http2_and_never_goes_upstream() {
+    let up = Upstream::start();
+    let (gw, tls_port, pki) = gateway(&up, "");
+    let body = br#"{"email":"slow@example.com","password":"wrong"}"#;
+    let first = &body[..10];
+
+    let mut c = Conn::open(gw.addr);
+    c.write(
+        format!(
+            "POST /api/v1/auth/login HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    c.write(first);
+    // The harness sets client_body_timeout_ms = 400.
+    c.read(false)
+        .unwrap()
+        .assert_envelope(408, "request timeout");
+
+    // HTTP/2: the first part in a DATA frame, then nothing. Waiting for the rest would never
+    // answer; reading it all would have sent it upstream and answered 401.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (status, text) = rt.block_on(async {
+        let mut h2 = h2_connect(&pki, tls_port).await;
+        let req = http::Request::post(format!("https://api.test:{tls_port}/api/v1/auth/login"))
+            .header("content-type", "application/json")
+            .header("content-length", body.len())
+            .body(())
+            .unwrap();
+        let (answer, mut stream) = h2.send_request(req, false).unwrap();
+        stream
+            .send_data(bytes::Bytes::copy_from_slice(first), false)
+            .unwrap();
+        // A bound for a gateway that would wait for ever, not a measure of speed.
+        let answer = tokio::time::timeout(Duration::from_secs(20), answer)
+            .await
+            .expect("no answer to a stalled HTTP/2 body")
+            .unwrap();
+        let status = answer.status();
+        let mut body = answer.into_body();
+        let mut text = Vec::new();
+        while let Some(chunk) = body.data().await {
+            text.extend_from_slice(&chunk.unwrap());
+        }
+        (status, String::from_utf8(text).unwrap())
+    });
+    assert_eq!(status, 408);
+    assert_eq!(text, r#"{"status":"error","message":"request timeout"}"#);
+
+    let m = gw.metrics();
+    assert_eq!(
+        metric(
+            &m,
+            r#"gateway_http_requests_total{method="POST",route="login",status="408"}"#
+        ),
+        2.0,
+        "{m}"
+    );
+    assert_eq!(up.hits.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
 
 #[test]

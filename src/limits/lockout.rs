@@ -55,13 +55,23 @@ impl Account {
     /// share one, with `{`, `}` and `%` escaped so that a Redis Cluster hash tag around it
     /// stays whole.
     pub fn key(&self) -> String {
-        let domain = escape(&self.domain);
-        format!("a:{}:{domain}:{}", domain.len(), escape(&self.email))
+        let (domain, email) = (escape(&self.domain), escape(&self.email));
+        let mut length = itoa::Buffer::new();
+        let length = length.format(domain.len());
+        let mut key = String::with_capacity(4 + length.len() + domain.len() + email.len());
+        for part in ["a:", length, ":", &domain, ":", &email] {
+            key.push_str(part);
+        }
+        key
     }
 
     /// The store key of the email across every domain (never equal to an account key).
     pub fn email_key(&self) -> String {
-        format!("e:{}", escape(&self.email))
+        let email = escape(&self.email);
+        let mut key = String::with_capacity(2 + email.len());
+        key.push_str("e:");
+        key.push_str(&email);
+        key
     }
 }
 

@@ -280,16 +280,27 @@ fn verify(state: &State, token: &str) -> Result<Arc<Identity>, Rejection> {
 /// still sent upstream.
 async fn read_body(session: &mut Session, cap: u64, timeout: Duration) -> Result<Bytes, Answer> {
     session.enable_retry_buffering();
+    // HTTP/1 reads time out in Pingora (`set_read_timeout`, set before the guard); its HTTP/2
+    // streams have no read timeout, so theirs is a timer here.
+    let h2 = session.is_http2();
     let mut body = Vec::new();
     loop {
-        match tokio::time::timeout(timeout, session.read_request_body()).await {
-            Err(_) => return Err(Answer::BodyTimeout),
-            Ok(Err(e)) if matches!(e.etype(), ErrorType::ReadTimedout) => {
+        let read = session.read_request_body();
+        let read = if h2 {
+            match tokio::time::timeout(timeout, read).await {
+                Ok(read) => read,
+                Err(_) => return Err(Answer::BodyTimeout),
+            }
+        } else {
+            read.await
+        };
+        match read {
+            Err(e) if matches!(e.etype(), ErrorType::ReadTimedout) => {
                 return Err(Answer::BodyTimeout)
             }
-            Ok(Err(_)) => return Err(Answer::InvalidBody),
-            Ok(Ok(None)) => break,
-            Ok(Ok(Some(chunk))) => {
+            Err(_) => return Err(Answer::InvalidBody),
+            Ok(None) => break,
+            Ok(Some(chunk)) => {
                 if body.len() as u64 + chunk.len() as u64 > cap {
                     return Err(Answer::BodyTooLarge);
                 }

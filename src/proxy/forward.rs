@@ -29,6 +29,7 @@ use super::answer::edge_headers;
 use super::{peer_ip, Ctx};
 use crate::client_ip::{self, Client};
 use crate::envelope;
+use crate::rewrite;
 use crate::scrub::{X_FORWARDED_HOST, X_REAL_IP};
 
 /// Response headers that belong to the edge's CORS answer, removed from upstream answers.
@@ -43,9 +44,9 @@ pub(super) const CORS_RESPONSE_HEADERS: [HeaderName; 4] = [
 /// `X-Real-IP` and four identity headers.
 const GATEWAY_HEADERS: usize = 9;
 
-/// Headers the edge adds to an answer at most: request id, nosniff, `Vary`, three CORS headers
-/// and HSTS (rate-limit headers are counted apart).
-const EDGE_RESPONSE_HEADERS: usize = 7;
+/// Headers the edge adds to an answer at most: request id, nosniff, `Vary`, three CORS headers,
+/// HSTS and an envelope's two body headers (rate-limit headers are counted apart).
+const EDGE_RESPONSE_HEADERS: usize = 9;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -130,7 +131,8 @@ pub(super) fn upstream_request(
 }
 
 /// The upstream's answer as the client gets it: its status, reason and headers, less the ones
-/// the edge owns, plus the request id, rate-limit and edge headers.
+/// the edge owns, plus the request id, rate-limit and edge headers; a rewritten error's body
+/// headers are the envelope's.
 pub(super) fn client_response(upstream_response: &mut ResponseHeader, ctx: &Ctx) -> Result<()> {
     // Rebuilt once without the upstream's internal headers (and its CORS ones: CORS is the
     // edge's alone), as the upstream request is: Pingora's inserts and removals each cost
@@ -138,11 +140,19 @@ pub(super) fn client_response(upstream_response: &mut ResponseHeader, ctx: &Ctx)
     // canonical case; the status and reason phrase are the upstream's.
     let security = &ctx.state.security.remove_response_headers;
     let cors = ctx.state.cors.is_some();
+    let rewrite = ctx.rewrite.as_ref();
     let extra = EDGE_RESPONSE_HEADERS + ctx.rate_headers.len();
     let mut parts = response_parts(upstream_response, extra, |n| {
-        security.contains(n) || (cors && CORS_RESPONSE_HEADERS.contains(n))
+        security.contains(n)
+            || (cors && CORS_RESPONSE_HEADERS.contains(n))
+            || (rewrite.is_some() && rewrite::is_body_header(n))
     });
     let headers = &mut parts.headers;
+    if let Some(rw) = rewrite {
+        for (name, value) in rw.body_headers() {
+            headers.insert(name, value);
+        }
+    }
     headers.insert(envelope::REQUEST_ID_HEADER, ctx.request_id.clone());
     for (name, value) in &ctx.rate_headers {
         headers.append(name.clone(), value.clone());
@@ -150,7 +160,7 @@ pub(super) fn client_response(upstream_response: &mut ResponseHeader, ctx: &Ctx)
     for (name, value) in edge_headers(ctx) {
         headers.append(name, value);
     }
-    if ctx.rewrite.is_some() && ctx.state.security.nosniff {
+    if rewrite.is_some() && ctx.state.security.nosniff {
         headers.insert(
             header::X_CONTENT_TYPE_OPTIONS,
             HeaderValue::from_static("nosniff"),

@@ -63,3 +63,30 @@ pub fn client(pki: &Pki, tls_port: u16, http2_only: bool) -> reqwest::blocking::
     };
     b.build().unwrap()
 }
+
+/// An HTTP/2 connection to `api.test` on `tls_port`, trusting `pki`, at the level of frames: a
+/// request body can be sent in parts, and stop.
+pub async fn h2_connect(pki: &Pki, tls_port: u16) -> h2::client::SendRequest<bytes::Bytes> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", tls_port))
+        .await
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(ServerName::try_from("api.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (client, connection) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(connection);
+    client
+}
