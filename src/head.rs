@@ -9,8 +9,6 @@
 
 use std::mem::MaybeUninit;
 
-use memchr::memmem;
-
 /// Most header fields a head may have before parsing stops (Pingora's own ceiling).
 const PARSE_HEADERS: usize = 256;
 
@@ -128,14 +126,12 @@ pub fn check(buf: &[u8], limits: Limits) -> Head {
 }
 
 /// Where the head ends: after the first empty line (CRLF CRLF, or bare LFs as httparse
-/// allows).
+/// allows). One pass over the line ends (a head has a few): two substring searches would each
+/// build a searcher and scan the body behind the head too.
 fn head_end(buf: &[u8]) -> Option<usize> {
-    let crlf = memmem::find(buf, b"\r\n\r\n").map(|i| i + 4);
-    let lf = memmem::find(buf, b"\n\n").map(|i| i + 2);
-    match (crlf, lf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
+    memchr::memchr_iter(b'\n', buf)
+        .find(|&i| (i >= 1 && buf[i - 1] == b'\n') || (i >= 3 && buf[i - 3..i] == *b"\r\n\r"))
+        .map(|i| i + 1)
 }
 
 /// The framing and authority rules Pingora applies after parsing (see [`Refusal::Malformed`]).
@@ -321,6 +317,28 @@ mod tests {
         ] {
             assert!((400..600).contains(&r.status()));
             assert!(!r.message().is_empty() && !r.label().is_empty());
+        }
+    }
+
+    /// The end is the first CRLF CRLF or LF LF, whichever ends first: every string of
+    /// `\r`, `\n` and `a` up to 8 bytes, against the two searches it replaced.
+    #[test]
+    fn head_end_is_the_first_empty_line() {
+        fn two_searches(buf: &[u8]) -> Option<usize> {
+            let find = |pat: &[u8]| buf.windows(pat.len()).position(|w| w == pat);
+            let crlf = find(b"\r\n\r\n").map(|i| i + 4);
+            let lf = find(b"\n\n").map(|i| i + 2);
+            match (crlf, lf) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        }
+        let alphabet = [b'\r', b'\n', b'a'];
+        for len in 0..=8u32 {
+            for n in 0..3usize.pow(len) {
+                let buf: Vec<u8> = (0..len).map(|i| alphabet[n / 3usize.pow(i) % 3]).collect();
+                assert_eq!(head_end(&buf), two_searches(&buf), "{buf:?}");
+            }
         }
     }
 }

@@ -163,6 +163,12 @@ pub fn is_body_header(name: &HeaderName) -> bool {
 }
 
 impl Rewrite {
+    /// The envelope's length is not known from the head: it goes out chunked, in one chunk
+    /// (the whole envelope at once).
+    pub fn chunked(&self) -> bool {
+        matches!(self, Rewrite::Inspect { .. })
+    }
+
     /// The envelope's body headers: JSON, and either its exact length or chunked framing.
     pub fn body_headers(&self) -> [(HeaderName, HeaderValue); 2] {
         let framing = match self {

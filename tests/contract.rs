@@ -178,6 +178,24 @@ fn upstream_errors_become_envelopes() {
     assert_eq!(r.header("www-authenticate"), Some("Bearer"));
     assert_eq!(r.header_count("content-length"), 1);
 
+    // An envelope judged from the body still gets an exact length when the body came with the
+    // head (one write upstream, as most servers answer): one write to the client, not a chunked
+    // head, chunk and last chunk. A body that came later goes out chunked.
+    for path in [
+        "/u/json-422",
+        "/u/problem-400",
+        "/u/envelope-409",
+        "/u/gzip-404",
+    ] {
+        let r = gw.get(path);
+        assert_eq!(r.framing, Framing::Length, "{path}");
+        assert_eq!(r.header("transfer-encoding"), None, "{path}");
+        assert_eq!(r.header("content-length"), Some(&*r.body.len().to_string()));
+    }
+    let r = gw.get("/u/late-body-422");
+    assert_eq!(r.framing, Framing::Chunked);
+    r.assert_envelope(422, "late but valid");
+
     // Envelopes pass unchanged, whatever the status.
     let r = gw.get("/u/envelope-409");
     assert_eq!(r.status, 409);

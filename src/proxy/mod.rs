@@ -5,6 +5,7 @@
 mod admit;
 mod answer;
 mod forward;
+mod framing;
 mod heads;
 
 pub use heads::HeadJudge;
@@ -41,6 +42,7 @@ use std::time::SystemTime;
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 use answer::{envelope_headers, respond, status_for, upstream_failure_kind};
+use framing::Framing;
 
 /// Label used for requests that matched no route.
 const UNMATCHED: &str = "unmatched";
@@ -129,10 +131,12 @@ pub struct Ctx {
 impl ProxyHttp for Gateway {
     type CTX = Ctx;
 
-    /// No downstream modules: Pingora installs a disabled compression module by default, which
-    /// still costs a context and four filter calls on every request; the gateway compresses
-    /// nothing.
-    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
+    /// One downstream module, [`Framing`]. Not Pingora's default one: a disabled compression
+    /// module that still costs a context and four filter calls on every request (the gateway
+    /// compresses nothing).
+    fn init_downstream_modules(&self, modules: &mut HttpModules) {
+        modules.add_module(Box::new(framing::FramingBuilder));
+    }
 
     /// What Pingora's own error lines say about a request: method and path only. Its default
     /// prints the whole target, and a query may carry a token (`?token=` on WebSocket routes).
@@ -378,13 +382,17 @@ impl ProxyHttp for Gateway {
     /// Swallows the body of a rewritten error and emits its envelope instead.
     fn response_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<Option<Duration>> {
         if let Some(rw) = ctx.rewrite.as_mut() {
             rw.on_body(body, end_of_stream);
+            // A chunked envelope is emitted whole: its length may still reach the head.
+            if let (true, Some(envelope)) = (rw.chunked(), body.as_ref()) {
+                Framing::known(session, envelope.len());
+            }
         }
         Ok(None)
     }

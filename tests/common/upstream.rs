@@ -329,6 +329,19 @@ fn respond(req: &Req, w: &mut TcpStream) -> bool {
             thread::sleep(Duration::from_millis(1500));
             false
         }
+        // A JSON error whose body comes 200 ms after its head (the envelope cannot be known when
+        // the head goes out).
+        "/late-body-422" => {
+            let body = br#"{"error":"late but valid"}"#;
+            let head = format!(
+                "HTTP/1.1 422 Unprocessable Entity\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            let _ = w.write_all(head.as_bytes());
+            let _ = w.flush();
+            thread::sleep(Duration::from_millis(200));
+            w.write_all(body).is_ok()
+        }
         "/slow-body-500" => {
             let _ = w.write_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/html\r\nContent-Length: 100\r\n\r\n<html>");
             let _ = w.flush();
