@@ -343,7 +343,7 @@ fn format_access(buf: &mut Vec<u8>, line: &AccessLine<'_>, json: bool) -> std::i
     match line.client_ip {
         Client::Ip(ip) => {
             buf.push(b'"');
-            write_ip(buf, *ip)?;
+            crate::client_ip::write_ip(buf, *ip);
             buf.push(b'"');
         }
         Client::Unknown(_) => json_str(buf, &line.client_ip.to_string())?,
@@ -418,27 +418,10 @@ fn write_ms(buf: &mut Vec<u8>, ms: f64) {
     ]);
 }
 
-/// An address as its usual text; IPv4 digit by digit (`Display` pads and buffers each octet).
-fn write_ip(buf: &mut Vec<u8>, ip: IpAddr) -> std::io::Result<()> {
-    match ip {
-        IpAddr::V4(v4) => {
-            let mut digits = itoa::Buffer::new();
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    buf.push(b'.');
-                }
-                buf.extend_from_slice(digits.format(octet).as_bytes());
-            }
-            Ok(())
-        }
-        IpAddr::V6(v6) => write!(buf, "{v6}"),
-    }
-}
-
 fn write_socket_addr(buf: &mut Vec<u8>, addr: SocketAddr) -> std::io::Result<()> {
     match addr {
         SocketAddr::V4(v4) => {
-            write_ip(buf, IpAddr::V4(*v4.ip()))?;
+            crate::client_ip::write_ip(buf, IpAddr::V4(*v4.ip()));
             buf.push(b':');
             buf.extend_from_slice(itoa::Buffer::new().format(v4.port()).as_bytes());
             Ok(())

@@ -253,7 +253,7 @@ fn rate_key<'a>(
         // throttle another's. Length-prefixed, so no two pairs share a key.
         (KeyKind::User, Some(id)) => {
             let (tid, sub) = (id.tenant.as_bytes(), id.user.as_bytes());
-            crate::client_ip::push_decimal(buf, tid.len() as u64);
+            buf.extend_from_slice(itoa::Buffer::new().format(tid.len()).as_bytes());
             buf.push(b':');
             buf.extend_from_slice(tid);
             buf.push(b':');
