@@ -156,6 +156,17 @@ fn https_h1_and_h2_keep_the_contract() {
                 422,
                 r#"{"status":"error","message":"email is invalid"}"#,
             ),
+            // Judged from a body that came 200 ms after the head, and an envelope passed as is.
+            (
+                "/u/late-body-422",
+                422,
+                r#"{"status":"error","message":"late but valid"}"#,
+            ),
+            (
+                "/u/envelope-409",
+                409,
+                r#"{"status":"error","message":"version mismatch"}"#,
+            ),
             (
                 "/u/empty-404",
                 404,

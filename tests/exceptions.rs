@@ -326,43 +326,6 @@ fn a_stalled_login_body_is_408_on_http1_and_http2_and_never_goes_upstream() {
 }
 
 #[test]
-fn judged_envelopes_reach_http2_clients_whole() {
-    let up = Upstream::start();
-    let (_gw, tls_port, pki) = gateway(&up, "");
-    let h2 = client(&pki, tls_port, true);
-    for (path, status, text) in [
-        (
-            "/u/json-422",
-            422,
-            r#"{"status":"error","message":"email is invalid"}"#,
-        ),
-        (
-            "/u/late-body-422",
-            422,
-            r#"{"status":"error","message":"late but valid"}"#,
-        ),
-        (
-            "/u/envelope-409",
-            409,
-            r#"{"status":"error","message":"version mismatch"}"#,
-        ),
-    ] {
-        let r = h2
-            .get(format!("https://api.test:{tls_port}{path}"))
-            .send()
-            .unwrap();
-        assert_eq!(r.version(), reqwest::Version::HTTP_2);
-        assert_eq!(r.status(), status, "{path}");
-        let length = r.headers().get("content-length").cloned();
-        let body = r.text().unwrap();
-        assert_eq!(body, text, "{path}");
-        if let Some(length) = length {
-            assert_eq!(length.to_str().unwrap(), body.len().to_string(), "{path}");
-        }
-    }
-}
-
-#[test]
 fn every_error_status_gets_its_default_message() {
     let up = Upstream::start();
     let (gw, tls_port, pki) = gateway(&up, "");
