@@ -247,7 +247,7 @@ fn rate_key<'a>(
     match (policy.key, &ctx.identity) {
         (KeyKind::Ip, _) => {
             ctx.client.write_rate_key(buf, state.ip_prefixes);
-            Some(String::from_utf8_lossy(buf))
+            Some(text(buf))
         }
         // A user is a subject within a tenant: `sub` alone would make one tenant's user 42
         // throttle another's. Length-prefixed, so no two pairs share a key.
@@ -258,10 +258,19 @@ fn rate_key<'a>(
             buf.extend_from_slice(tid);
             buf.push(b':');
             buf.extend_from_slice(sub);
-            Some(String::from_utf8_lossy(buf))
+            Some(text(buf))
         }
-        (KeyKind::Tenant, Some(id)) => Some(String::from_utf8_lossy(id.tenant.as_bytes())),
+        (KeyKind::Tenant, Some(id)) => Some(text(id.tenant.as_bytes())),
         (_, None) => None,
+    }
+}
+
+/// A key's bytes as text. They are UTF-8 (an address, or claims that came as JSON strings);
+/// `from_utf8`'s ASCII fast path is the check, `from_utf8_lossy` only the fallback.
+fn text(bytes: &[u8]) -> Cow<'_, str> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(bytes),
     }
 }
 

@@ -74,6 +74,9 @@ pub(super) fn upstream_request(
     });
     let headers = &mut parts.headers;
     headers.insert(envelope::REQUEST_ID_HEADER, ctx.request_id.clone());
+    // From a peer that is not a trusted proxy the chain is the client's address alone, which
+    // is also X-Real-IP's value: written once.
+    let mut real_ip = None;
     if let Some(peer) = peer_ip(session) {
         // Behind a trusted proxy the chain (every line of it: several lines are one list)
         // grows by that proxy; otherwise a client-sent X-Forwarded-For is replaced by the
@@ -88,13 +91,19 @@ pub(super) fn upstream_request(
         client_ip::write_ip(&mut chain, peer);
         // Valid values joined by commas, then an address: always a valid value.
         if let Ok(chain) = HeaderValue::from_maybe_shared(Bytes::from(chain)) {
+            if !trusted && ctx.client.ip() == Some(peer) {
+                real_ip = Some(chain.clone());
+            }
             headers.insert(X_FORWARDED_FOR, chain);
         }
     }
     if let Client::Ip(ip) = ctx.client {
-        let mut text = Vec::with_capacity(16);
-        client_ip::write_ip(&mut text, ip);
-        if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(text)) {
+        let value = real_ip.or_else(|| {
+            let mut text = Vec::with_capacity(16);
+            client_ip::write_ip(&mut text, ip);
+            HeaderValue::from_maybe_shared(Bytes::from(text)).ok()
+        });
+        if let Some(value) = value {
             headers.insert(X_REAL_IP, value);
         }
     }
