@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use pingora::proxy::Session;
 use pingora::ErrorType;
+use smallvec::SmallVec;
 
 use super::answer::Answer;
 use super::forward::with_path;
@@ -53,14 +54,13 @@ impl Gateway {
         if route.rate_limits.is_empty() {
             return Ok(());
         }
-        let mut keyed: Vec<(&Policy, String)> = Vec::with_capacity(route.rate_limits.len());
-        for policy in &route.rate_limits {
-            let mut buf = Vec::new();
-            if let Some(key) = rate_key(policy, ctx, state, &mut buf) {
-                keyed.push((policy, key.into_owned()));
-            }
-        }
-        let checks: Vec<RateCheck<'_>> = keyed
+        // On the stack for the usual few policies; one allocation per key, sized for it.
+        let keyed: SmallVec<[(&Policy, String); 4]> = route
+            .rate_limits
+            .iter()
+            .filter_map(|policy| Some((policy, rate_key(policy, ctx, state)?)))
+            .collect();
+        let checks: SmallVec<[RateCheck<'_>; 4]> = keyed
             .iter()
             .map(|(policy, key)| RateCheck {
                 limit: &policy.limit,
@@ -235,20 +235,15 @@ fn authorize(
     Ok(())
 }
 
-/// The key `policy` counts this request by, written into `buf` where it must be built; `None`
-/// for a user or tenant key without a verified caller (config validation keeps those to token
-/// routes).
-fn rate_key<'a>(
-    policy: &Policy,
-    ctx: &'a Ctx,
-    state: &State,
-    buf: &'a mut Vec<u8>,
-) -> Option<Cow<'a, str>> {
+/// Room for the usual key (an IPv6 prefix, a tenant and user pair) without growing.
+const RATE_KEY_CAPACITY: usize = 48;
+
+/// The key `policy` counts this request by; `None` for a user or tenant key without a verified
+/// caller (config validation keeps those to token routes).
+fn rate_key(policy: &Policy, ctx: &Ctx, state: &State) -> Option<String> {
+    let mut buf = Vec::with_capacity(RATE_KEY_CAPACITY);
     match (policy.key, &ctx.identity) {
-        (KeyKind::Ip, _) => {
-            ctx.client.write_rate_key(buf, state.ip_prefixes);
-            Some(text(buf))
-        }
+        (KeyKind::Ip, _) => ctx.client.write_rate_key(&mut buf, state.ip_prefixes),
         // A user is a subject within a tenant: `sub` alone would make one tenant's user 42
         // throttle another's. Length-prefixed, so no two pairs share a key.
         (KeyKind::User, Some(id)) => {
@@ -258,20 +253,15 @@ fn rate_key<'a>(
             buf.extend_from_slice(tid);
             buf.push(b':');
             buf.extend_from_slice(sub);
-            Some(text(buf))
         }
-        (KeyKind::Tenant, Some(id)) => Some(text(id.tenant.as_bytes())),
-        (_, None) => None,
+        (KeyKind::Tenant, Some(id)) => buf.extend_from_slice(id.tenant.as_bytes()),
+        (_, None) => return None,
     }
-}
-
-/// A key's bytes as text. They are UTF-8 (an address, or claims that came as JSON strings);
-/// `from_utf8`'s ASCII fast path is the check, `from_utf8_lossy` only the fallback.
-fn text(bytes: &[u8]) -> Cow<'_, str> {
-    match std::str::from_utf8(bytes) {
-        Ok(text) => Cow::Borrowed(text),
-        Err(_) => String::from_utf8_lossy(bytes),
-    }
+    // UTF-8 already (an address, or claims that came as JSON strings): taken without a copy.
+    Some(
+        String::from_utf8(buf)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+    )
 }
 
 fn verify(state: &State, token: &str) -> Result<Arc<Identity>, Rejection> {
