@@ -1,17 +1,18 @@
 //! The request's way through the gateway, phase by phase, as Pingora calls them. Each phase is
 //! short: the checks are in [`admit`], the answers the gateway makes itself in [`answer`], the
-//! heads that cross it in [`forward`].
+//! heads that cross it in [`forward`], the request's trace span in [`span`].
 
 mod admit;
 mod answer;
 mod forward;
 mod framing;
 mod heads;
+mod span;
 
 pub use heads::HeadJudge;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -36,11 +37,6 @@ use crate::state::State;
 use crate::store::Store;
 use crate::trace::{Span, Tracing};
 use crate::upstreams::{Outcome, Pool};
-use opentelemetry::KeyValue;
-use std::time::SystemTime;
-
-const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
-const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 use answer::{envelope_headers, respond, status_for, upstream_failure_kind};
 use framing::Framing;
 
@@ -308,14 +304,7 @@ impl ProxyHttp for Gateway {
         ctx.sent_at = Some(Instant::now());
         forward::upstream_request(session, upstream_request, ctx)?;
         if let Some(span) = &ctx.span {
-            // The upstream's parent is the gateway's span (the client's own goes no further).
-            upstream_request.insert_header(TRACEPARENT, span.traceparent())?;
-            match span.tracestate() {
-                Some(state) => upstream_request.insert_header(TRACESTATE, state)?,
-                None => {
-                    upstream_request.remove_header(&TRACESTATE);
-                }
-            }
+            span::propagate(span, upstream_request)?;
         }
         Ok(())
     }
@@ -567,65 +556,6 @@ impl Gateway {
             .login_attempts
             .with_label_values(&[outcome])
             .inc();
-    }
-
-    /// Ends the request's span with what became of it (OpenTelemetry HTTP semantic
-    /// conventions, and the gateway's own decisions under `gateway.*`).
-    fn end_span(
-        &self,
-        span: Span,
-        session: &Session,
-        ctx: &Ctx,
-        route: &str,
-        status: u16,
-        rewritten: bool,
-    ) {
-        if !span.recording() {
-            span.end(Vec::new(), None, SystemTime::now());
-            return;
-        }
-        let req = session.req_header();
-        let upstream = self.pool(ctx).map(|p| p.name.clone()).unwrap_or_default();
-        let rate_limit = match ctx.route.as_ref() {
-            Some(r) if !r.rate_limits.is_empty() => {
-                if status == 429 {
-                    "refused"
-                } else {
-                    "allowed"
-                }
-            }
-            _ => "none",
-        };
-        let mut attributes = vec![
-            KeyValue::new("http.request.method", req.method.to_string()),
-            KeyValue::new("http.route", route.to_string()),
-            KeyValue::new("url.path", req.uri.path().to_string()),
-            KeyValue::new("http.response.status_code", i64::from(status)),
-            KeyValue::new("client.address", ctx.client.to_string()),
-            KeyValue::new(
-                "gateway.request_id",
-                request_id::as_str(&ctx.request_id).to_string(),
-            ),
-            KeyValue::new("gateway.auth", ctx.auth),
-            KeyValue::new("gateway.rate_limit", rate_limit),
-            KeyValue::new("gateway.rewritten", rewritten),
-            KeyValue::new("gateway.retries", ctx.tries.saturating_sub(1) as i64),
-        ];
-        if !upstream.is_empty() {
-            attributes.push(KeyValue::new("gateway.upstream", upstream));
-        }
-        if let Some(server) = ctx.server {
-            attributes.push(KeyValue::new("server.address", server.ip().to_string()));
-            attributes.push(KeyValue::new("server.port", i64::from(server.port())));
-        }
-        if let Some(upstream_status) = ctx.upstream_status {
-            attributes.push(KeyValue::new(
-                "gateway.upstream_status_code",
-                i64::from(upstream_status),
-            ));
-        }
-        let failed = (status >= 500 || status == 0).then(|| format!("answered {status}"));
-        span.end(attributes, failed, SystemTime::now());
     }
 
     /// The route's upstream pool.
